@@ -1,0 +1,1 @@
+//! USB framing. Being written.

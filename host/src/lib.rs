@@ -1,0 +1,1 @@
+//! usbmux host side (daemon, client library, tools). Being built.
