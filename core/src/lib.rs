@@ -23,18 +23,22 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+#[cfg(test)]
+mod tests;
+
 #[macro_use]
 mod fmt;
 
 // pub mod io;
-// pub mod mux;
+pub mod mux;
 pub mod storage;
-// pub mod tcp;
+pub mod tcp;
 pub mod time;
 pub mod usb;
 pub mod wire;
 
 pub use fmt::Bytes;
-// pub use mux::{Device, Event, Host, Role, Session, SessionConfig, Transmit};
-// pub use tcp::{ConnId, ResetReason};
+pub use mux::{Device, Event, Host, Role, Session, SessionConfig, Transmit};
+pub use storage::Buffers;
+pub use tcp::{ConnId, ResetKind, ResetReason};
 pub use time::{Duration, Instant};

@@ -24,7 +24,9 @@ impl Instant {
 
     /// An instant `millis` milliseconds after the epoch.
     pub const fn from_millis(millis: u64) -> Self {
-        Instant { micros: millis.saturating_mul(1000) }
+        Instant {
+            micros: millis.saturating_mul(1000),
+        }
     }
 
     /// Microseconds since the epoch.
@@ -39,7 +41,9 @@ impl Instant {
 
     /// Time from `earlier` to `self`, or zero if `earlier` is later.
     pub const fn saturating_duration_since(self, earlier: Instant) -> Duration {
-        Duration { micros: self.micros.saturating_sub(earlier.micros) }
+        Duration {
+            micros: self.micros.saturating_sub(earlier.micros),
+        }
     }
 }
 
@@ -61,12 +65,16 @@ impl Duration {
 
     /// `millis` milliseconds.
     pub const fn from_millis(millis: u64) -> Self {
-        Duration { micros: millis.saturating_mul(1000) }
+        Duration {
+            micros: millis.saturating_mul(1000),
+        }
     }
 
     /// `secs` seconds.
     pub const fn from_secs(secs: u64) -> Self {
-        Duration { micros: secs.saturating_mul(1_000_000) }
+        Duration {
+            micros: secs.saturating_mul(1_000_000),
+        }
     }
 
     /// Length in microseconds.
@@ -81,14 +89,18 @@ impl Duration {
 
     /// Twice as long, saturating (for back-off).
     pub const fn doubled(self) -> Self {
-        Duration { micros: self.micros.saturating_mul(2) }
+        Duration {
+            micros: self.micros.saturating_mul(2),
+        }
     }
 }
 
 impl Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, rhs: Duration) -> Instant {
-        Instant { micros: self.micros.saturating_add(rhs.micros) }
+        Instant {
+            micros: self.micros.saturating_add(rhs.micros),
+        }
     }
 }
 
@@ -108,13 +120,20 @@ impl Sub<Instant> for Instant {
 impl Add for Duration {
     type Output = Duration;
     fn add(self, rhs: Duration) -> Duration {
-        Duration { micros: self.micros.saturating_add(rhs.micros) }
+        Duration {
+            micros: self.micros.saturating_add(rhs.micros),
+        }
     }
 }
 
 impl core::fmt::Display for Instant {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{}.{:06}s", self.micros / 1_000_000, self.micros % 1_000_000)
+        write!(
+            f,
+            "{}.{:06}s",
+            self.micros / 1_000_000,
+            self.micros % 1_000_000
+        )
     }
 }
 
