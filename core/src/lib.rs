@@ -40,5 +40,5 @@ pub mod wire;
 pub use fmt::Bytes;
 pub use mux::{Device, Event, Host, Role, Session, SessionConfig, Transmit};
 pub use storage::Buffers;
-pub use tcp::{ConnId, ResetKind, ResetReason};
+pub use tcp::{AckPolicy, ConnConfig, ConnId, ResetKind, ResetReason};
 pub use time::{Duration, Instant};

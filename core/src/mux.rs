@@ -360,6 +360,9 @@ struct PendingSyn {
     announced: bool,
 }
 
+// Slots live inline in a fixed array (no allocator to box with); a pending or free slot costs
+// as much as a live one, which is the point of a fixed pool.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Slot<B> {
     Free,
@@ -1054,11 +1057,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         match self.find(local, remote) {
             Some(i) => match &mut self.slots[i] {
                 Slot::Active(c) => {
-                    let max_payload = self
-                        .cfg
-                        .max_transfer
-                        .saturating_sub(self.tx_kind.header_len() + wire::tcp::HEADER_LEN);
-                    if c.process(now, seg, max_payload) == Outcome::Closed {
+                    if c.process(seg, &self.cfg.conn) == Outcome::Closed {
                         match c.reason().map(|r| r.kind) {
                             Some(ResetKind::UnexpectedSeq) => self.stats.resets_bad_seq += 1,
                             Some(ResetKind::AckBeyondSent) => self.stats.resets_bad_ack += 1,

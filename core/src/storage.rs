@@ -203,6 +203,6 @@ mod test {
         assert_eq!(r.enqueue_unallocated(3), 3);
         assert_eq!(r.enqueue_unallocated(9), 1);
         assert_eq!(r.len(), 4);
-        assert_eq!(&r.get_allocated(0, 3)[..], b"xyz");
+        assert_eq!(r.get_allocated(0, 3), b"xyz");
     }
 }

@@ -261,6 +261,23 @@ pub struct ConnConfig {
     /// How many times an unanswered update is re-sent before giving up (the peer had nothing
     /// more to send).
     pub reack_limit: u8,
+    /// When window updates and acks go out (see [`AckPolicy`]).
+    pub ack_policy: AckPolicy,
+}
+
+/// When a receiver tells the sender about acked data and freed window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum AckPolicy {
+    /// usbmux-rs's policy: an update goes out at once when the application has drained enough
+    /// to matter (half the buffer, or a full segment while the peer may be blocked); smaller
+    /// changes wait `ack_delay` to be merged.
+    #[default]
+    Drain,
+    /// Debian usbmuxd 1.1.1's policy, kept for comparison benchmarks (PROTOCOL.md §1.5): every
+    /// data packet is acked at once, and window freed by the application is only announced by
+    /// the next such ACK or after `ack_delay` (usbmuxd: 30 ms).
+    Usbmuxd,
 }
 
 impl Default for ConnConfig {
@@ -271,6 +288,7 @@ impl Default for ConnConfig {
             reack_interval: Duration::from_millis(50),
             reack_max_interval: Duration::from_secs(2),
             reack_limit: 12,
+            ack_policy: AckPolicy::Drain,
         }
     }
 }
@@ -556,12 +574,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
     }
 
     /// Consumes one segment addressed to this connection.
-    pub(crate) fn process(
-        &mut self,
-        now: Instant,
-        seg: &TcpRepr<'_>,
-        max_payload: usize,
-    ) -> Outcome {
+    pub(crate) fn process(&mut self, seg: &TcpRepr<'_>, cfg: &ConnConfig) -> Outcome {
         self.stats.packets_received += 1;
         let flags = seg.flags;
         match self.state {
@@ -611,16 +624,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 self.events |= ev::CONNECTED | ev::WRITABLE;
                 Outcome::Ok
             }
-            State::Established => self.process_established(now, seg, max_payload),
+            State::Established => self.process_established(seg, cfg),
         }
     }
 
-    fn process_established(
-        &mut self,
-        now: Instant,
-        seg: &TcpRepr<'_>,
-        max_payload: usize,
-    ) -> Outcome {
+    fn process_established(&mut self, seg: &TcpRepr<'_>, cfg: &ConnConfig) -> Outcome {
         let flags = seg.flags;
         if flags.contains(Flags::RST) {
             self.close(peer_text(ResetKind::PeerReset, seg.payload), false);
@@ -706,6 +714,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             self.stats.bytes_received += len as u64;
             self.events |= ev::READABLE;
             self.window_dirty = true;
+            if cfg.ack_policy == AckPolicy::Usbmuxd {
+                self.ack_now = true;
+            }
             // The peer is sending again: whatever update it was waiting for arrived.
             self.reack_at = None;
             self.reack_count = 0;
@@ -714,7 +725,6 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             self.close(ResetReason::new(ResetKind::PeerFin), true);
             return Outcome::Closed;
         }
-        let _ = (now, max_payload);
         Outcome::Ok
     }
 
@@ -906,9 +916,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             if edge != self.rcv_edge || ack != self.ack_sent {
                 let grown = edge.wrapping_sub(self.rcv_edge) as usize;
                 let open = edge.wrapping_sub(self.rcv_nxt) as usize;
-                let urgent = grown >= self.rx.capacity() / 2
-                    || (self.peer_may_be_blocked(max_payload)
-                        && open >= self.useful_segment(max_payload));
+                let urgent = cfg.ack_policy == AckPolicy::Drain
+                    && (grown >= self.rx.capacity() / 2
+                        || (self.peer_may_be_blocked(max_payload)
+                            && open >= self.useful_segment(max_payload)));
                 if urgent {
                     self.ack_now = true;
                 } else if self.ack_due.is_none() {

@@ -2,6 +2,7 @@
 //!
 //! The `Pair` harness (after quinn-proto's `tests/util.rs`) moves transfers between the two
 //! with deterministic time; `drive` runs until both are quiet and panics on livelock.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use std::collections::VecDeque;
 use std::vec::Vec;
@@ -17,6 +18,9 @@ use crate::{ConnId, Device, Event, Host, Session};
 
 pub(crate) type HostSession = Session<Host, Vec<u8>, 40, 65536>;
 pub(crate) type DeviceSession = Session<Device, Vec<u8>, 40, 0>;
+
+/// Drops (false) or passes (true) one mux packet.
+pub(crate) type Filter = Box<dyn FnMut(&[u8]) -> bool>;
 
 pub(crate) fn bufs(rx: usize, tx: usize) -> Buffers<Vec<u8>> {
     Buffers::new(vec![0; rx], vec![0; tx])
@@ -41,8 +45,8 @@ pub(crate) struct Pair {
     /// Device → host transfers are cut into pieces of this size (host reassembly).
     pub d2h_split: Option<usize>,
     /// Return false to drop a mux packet on the way (host → device, device → host).
-    pub filter_h2d: Option<Box<dyn FnMut(&[u8]) -> bool>>,
-    pub filter_d2h: Option<Box<dyn FnMut(&[u8]) -> bool>>,
+    pub filter_h2d: Option<Filter>,
+    pub filter_d2h: Option<Filter>,
     pub h2d_log: Vec<Vec<u8>>,
     pub d2h_log: Vec<Vec<u8>>,
     pub log: bool,
@@ -841,7 +845,7 @@ fn version_at_active_device_resets_connections() {
     let _a = p.connect(7);
     let da = p.dev_id(0);
     // A restarted host: a brand-new host session on the same device.
-    p.host = Box::new(HostSession::new(SessionConfig::default(), 777));
+    *p.host = HostSession::new(SessionConfig::default(), 777);
     p.drive();
     assert!(p.dev_has(|e| *e == Event::PeerRestarted));
     assert!(p.dev_has(|e| matches!(e, Event::Reset { id, reason } if *id == da && reason.kind == ResetKind::PeerRestarted)));
