@@ -1,1 +1,7 @@
-//! The simulated phone. Being built.
+#![doc = include_str!("../README.md")]
+
+pub mod demo;
+pub mod phone;
+pub mod service;
+
+pub use phone::{Phone, PhoneConfig};

@@ -1,0 +1,133 @@
+//! [`Phone`]: a `Session<Device>` with its services — the simulated iPhone itself, minus any
+//! transport. Feed it the host's OUT transfers, take its IN transfers from `poll_transmit`.
+
+use std::collections::HashMap;
+
+use usbmux_core::mux::InsufficientSize;
+use usbmux_core::{Buffers, ConnId, Device, Event, Instant, Session, SessionConfig, Transmit};
+
+use crate::service::Service;
+
+/// Most connections one simulated phone holds at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Per-connection buffer sizes of the simulated phone (a phone advertises 128 KiB-ish windows).
+#[derive(Debug, Clone, Copy)]
+pub struct PhoneConfig {
+    /// Engine settings (answered version, timers, ...).
+    pub session: SessionConfig,
+    /// Receive buffer per connection (its free space is the window the host sees).
+    pub rx_buffer: usize,
+    /// Send buffer per connection.
+    pub tx_buffer: usize,
+}
+
+impl Default for PhoneConfig {
+    fn default() -> Self {
+        PhoneConfig {
+            session: SessionConfig::default(),
+            rx_buffer: 128 * 1024,
+            tx_buffer: 128 * 1024,
+        }
+    }
+}
+
+type DeviceSession = Session<Device, Vec<u8>, MAX_CONNECTIONS, 0>;
+
+/// A simulated phone: the device role of usbmux plus the services of `crate::service`.
+pub struct Phone {
+    session: Box<DeviceSession>,
+    services: HashMap<ConnId, Service>,
+    cfg: PhoneConfig,
+    events: Vec<Event>,
+}
+
+impl Phone {
+    /// A phone waiting for the host's VERSION.
+    pub fn new(cfg: PhoneConfig) -> Self {
+        Phone {
+            session: Box::new(DeviceSession::new(cfg.session)),
+            services: HashMap::new(),
+            cfg,
+            events: Vec::new(),
+        }
+    }
+
+    /// The engine (stats, connection states).
+    pub fn session(&self) -> &DeviceSession {
+        &self.session
+    }
+
+    /// One bulk OUT transfer from the host (a ZLP is an empty slice).
+    pub fn handle_transfer(&mut self, now: Instant, transfer: &[u8]) {
+        self.session.handle_transfer(now, transfer);
+        self.run();
+    }
+
+    /// Timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.session.handle_timeout(now);
+        self.run();
+    }
+
+    /// When `handle_timeout` is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.session.poll_timeout()
+    }
+
+    /// The next IN transfer (one mux packet; then a ZLP if `zlp`). Services get to run between
+    /// packets, so a source keeps the pipe full and an echo answers as soon as it can.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Result<Option<Transmit>, InsufficientSize> {
+        for _ in 0..2 {
+            if let Some(t) = self.session.poll_transmit(now, buf)? {
+                return Ok(Some(t));
+            }
+            if !self.run() {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Events the phone saw (handshakes, connections, resets), oldest first, drained.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Handles events and runs every service once; true if anything happened.
+    fn run(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(ev) = self.session.poll_event() {
+            moved = true;
+            match &ev {
+                Event::Incoming { id, port } => match Service::for_port(*port) {
+                    Some(s) => {
+                        let bufs =
+                            Buffers::new(vec![0; self.cfg.rx_buffer], vec![0; self.cfg.tx_buffer]);
+                        if self.session.accept(*id, bufs).is_ok() {
+                            self.services.insert(*id, s);
+                        }
+                    }
+                    None => {
+                        let _ = self.session.refuse(*id, b"Connection refused");
+                    }
+                },
+                Event::Reset { id, .. } | Event::Refused { id, .. } => {
+                    self.services.remove(id);
+                    let _ = self.session.reset(*id, "");
+                }
+                Event::PeerRestarted => self.services.clear(),
+                _ => {}
+            }
+            self.events.push(ev);
+        }
+        for (id, svc) in self.services.iter_mut() {
+            moved |= svc.run(&mut self.session, *id);
+        }
+        moved
+    }
+}
