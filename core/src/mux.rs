@@ -232,8 +232,6 @@ pub enum ConnectError {
     BufferTooSmall,
     /// The session is dead (handshake failed or unplugged); make a new one.
     SessionDead,
-    /// Every source port is in use.
-    NoFreePort,
 }
 
 /// Errors of [`Session::accept`] / [`Session::refuse`].
@@ -293,7 +291,6 @@ impl_error! {
         ConnectError::PoolFull => "connection pool full",
         ConnectError::BufferTooSmall => "receive buffer smaller than 256 bytes",
         ConnectError::SessionDead => "session is dead",
-        ConnectError::NoFreePort => "no free source port",
     };
     AcceptError => |s| match s {
         AcceptError::InvalidHandle => "no such pending connection",
@@ -462,8 +459,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Session<Host
         let Some(index) = inner.free_slot() else {
             return Err((ConnectError::PoolFull, bufs));
         };
+        // Only a pool of 65 534+ slots can run out of ports before slots.
         let Some(sport) = inner.alloc_port() else {
-            return Err((ConnectError::NoFreePort, bufs));
+            return Err((ConnectError::PoolFull, bufs));
         };
         inner.slots[index] = Slot::Active(Connection::new_active(sport, port, bufs));
         let id = ConnId::new(index, inner.gens[index]);
@@ -750,6 +748,8 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
 
 impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     fn new(cfg: SessionConfig) -> Self {
+        // ConnId stores the slot index in a u16.
+        const { assert!(N <= u16::MAX as usize, "connection pool larger than 65535") };
         let mut cfg = cfg;
         cfg.max_transfer = cfg.max_transfer.clamp(64, muxw::MAX_PACKET_LEN);
         Inner {

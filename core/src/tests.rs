@@ -924,3 +924,78 @@ fn small_transmit_buffer_is_an_error_not_a_state_change() {
         20
     );
 }
+
+#[test]
+fn control_queue_full_is_an_error() {
+    let mut p = Pair::connected();
+    for i in 0..4 {
+        p.dev
+            .send_control(ControlType::Info, format!("message {i}").as_bytes())
+            .expect("room");
+    }
+    assert_eq!(
+        p.dev.send_control(ControlType::Warning, b"one too many"),
+        Err(crate::mux::QueueFull)
+    );
+    p.drive();
+    let texts: Vec<Vec<u8>> = p
+        .host_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::DeviceMessage(m) => Some(m.text().to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        (0..4)
+            .map(|i| format!("message {i}").into_bytes())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(p.host.stats().control_messages, 4);
+}
+
+#[test]
+fn usbmuxd_ack_policy_acks_every_data_packet() {
+    use crate::tcp::{AckPolicy, ConnConfig};
+    let cfg = SessionConfig {
+        conn: ConnConfig {
+            ack_policy: AckPolicy::Usbmuxd,
+            ack_delay: Duration::from_millis(30),
+            ..ConnConfig::default()
+        },
+        ..SessionConfig::default()
+    };
+    let mut p = Pair::with_config(cfg, SessionConfig::default());
+    p.drive();
+    let id = p.connect(7);
+    let dev = p.dev_id(0);
+    let before = p.host.conn_stats(id).unwrap().pure_acks_sent;
+    for _ in 0..10 {
+        p.dev.send(dev, &[1u8; 1000]).unwrap();
+        p.drive();
+    }
+    // One immediate ACK per data packet, even though the application read nothing.
+    assert_eq!(p.host.conn_stats(id).unwrap().pure_acks_sent - before, 10);
+    let mut buf = vec![0u8; 20_000];
+    assert_eq!(p.host.recv(id, &mut buf), Ok(10_000));
+}
+
+#[test]
+fn stats_count_both_ways() {
+    let mut p = Pair::connected();
+    let id = p.connect(7);
+    let dev = p.dev_id(0);
+    p.host.send(id, &[7u8; 3000]).unwrap();
+    p.drive();
+    let mut buf = [0u8; 4000];
+    assert_eq!(p.dev.recv(dev, &mut buf), Ok(3000));
+    let h = p.host.conn_stats(id).unwrap();
+    let d = p.dev.conn_stats(dev).unwrap();
+    assert_eq!(h.bytes_sent, 3000);
+    assert_eq!(d.bytes_received, 3000);
+    // The SYN reached the device before it had a connection to count it in.
+    assert_eq!(h.packets_sent, d.packets_received + 1);
+    assert_eq!(p.host.stats().packets_out, p.dev.stats().packets_in);
+    assert_eq!(p.dev.stats().packets_out, p.host.stats().packets_in);
+}
