@@ -1,1 +1,5 @@
-//! usbmux host side (daemon, client library, tools). Being built.
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod proto;
