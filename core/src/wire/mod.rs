@@ -326,23 +326,32 @@ impl fmt::Display for Summary<'_> {
         }
         let payload = packet.payload();
         match proto {
-            Protocol::Version => match VersionPacket::new_checked(payload).and_then(|p| VersionRepr::parse(&p)) {
-                Ok(v) => write!(f, "VERSION {}.{}", v.major, v.minor),
-                Err(_) => write!(f, "VERSION malformed ({} bytes)", payload.len()),
-            },
-            Protocol::Setup => write!(f, "SETUP {:02x?}", payload),
-            Protocol::Control => match ControlPacket::new_checked(payload).and_then(|p| ControlRepr::parse(&p)) {
-                Ok(c) => {
-                    write!(f, "CONTROL {:?} \"", c.kind)?;
-                    for &b in c.text {
-                        let ch = if (0x20..0x7f).contains(&b) { b as char } else { '.' };
-                        fmt::Write::write_char(f, ch)?;
-                    }
-                    f.write_str("\"")
+            Protocol::Version => {
+                match VersionPacket::new_checked(payload).and_then(|p| VersionRepr::parse(&p)) {
+                    Ok(v) => write!(f, "VERSION {}.{}", v.major, v.minor),
+                    Err(_) => write!(f, "VERSION malformed ({} bytes)", payload.len()),
                 }
-                Err(_) => write!(f, "CONTROL malformed ({} bytes)", payload.len()),
-            },
-            Protocol::Tcp => match TcpPacket::new_checked(payload).and_then(|p| TcpRepr::parse(&p)) {
+            }
+            Protocol::Setup => write!(f, "SETUP {:02x?}", payload),
+            Protocol::Control => {
+                match ControlPacket::new_checked(payload).and_then(|p| ControlRepr::parse(&p)) {
+                    Ok(c) => {
+                        write!(f, "CONTROL {:?} \"", c.kind)?;
+                        for &b in c.text {
+                            let ch = if (0x20..0x7f).contains(&b) {
+                                b as char
+                            } else {
+                                '.'
+                            };
+                            fmt::Write::write_char(f, ch)?;
+                        }
+                        f.write_str("\"")
+                    }
+                    Err(_) => write!(f, "CONTROL malformed ({} bytes)", payload.len()),
+                }
+            }
+            Protocol::Tcp => match TcpPacket::new_checked(payload).and_then(|p| TcpRepr::parse(&p))
+            {
                 Ok(t) => write!(f, "{t}"),
                 Err(_) => write!(f, "TCP malformed ({} bytes)", payload.len()),
             },
@@ -358,19 +367,43 @@ mod summary_test {
 
     #[test]
     fn renders_each_kind_and_never_panics() {
-        let version = [0, 0, 0, 0, 0, 0, 0, 0x14, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert_eq!(Summary { bytes: &version, kind: HeaderKind::V2 }.to_string(), "v1 VERSION 2.0");
-        let syn = [
-            0, 0, 0, 6, 0, 0, 0, 0x24, 0xFE, 0xED, 0xFA, 0xCE, 0, 1, 0xFF, 0xFF, 0, 1, 0xF2, 0x7E, 0, 0, 0, 0, 0, 0,
-            0, 0, 0x50, 0x02, 0x02, 0x00, 0, 0, 0, 0,
+        let version = [
+            0, 0, 0, 0, 0, 0, 0, 0x14, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
         assert_eq!(
-            Summary { bytes: &syn, kind: HeaderKind::V2 }.to_string(),
+            Summary {
+                bytes: &version,
+                kind: HeaderKind::V2
+            }
+            .to_string(),
+            "v1 VERSION 2.0"
+        );
+        let syn = [
+            0, 0, 0, 6, 0, 0, 0, 0x24, 0xFE, 0xED, 0xFA, 0xCE, 0, 1, 0xFF, 0xFF, 0, 1, 0xF2, 0x7E,
+            0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x02, 0x02, 0x00, 0, 0, 0, 0,
+        ];
+        assert_eq!(
+            Summary {
+                bytes: &syn,
+                kind: HeaderKind::V2
+            }
+            .to_string(),
             "v2 tx=1 rx=65535 TCP 1 -> 62078 seq=0 ack=0 SYN win=512 len=0"
         );
-        assert_eq!(Summary { bytes: &syn[..5], kind: HeaderKind::V2 }.to_string(), "malformed (5 bytes)");
+        assert_eq!(
+            Summary {
+                bytes: &syn[..5],
+                kind: HeaderKind::V2
+            }
+            .to_string(),
+            "malformed (5 bytes)"
+        );
         for n in 0..syn.len() {
-            let _ = Summary { bytes: &syn[..n], kind: HeaderKind::V1 }.to_string();
+            let _ = Summary {
+                bytes: &syn[..n],
+                kind: HeaderKind::V1,
+            }
+            .to_string();
         }
     }
 }
