@@ -6,15 +6,18 @@ use std::collections::HashMap;
 use usbmux_core::mux::InsufficientSize;
 use usbmux_core::{Buffers, ConnId, Device, Event, Instant, Session, SessionConfig, Transmit};
 
+use crate::identity::Identity;
 use crate::service::Service;
 
 /// Most connections one simulated phone holds at once.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// Per-connection buffer sizes of the simulated phone (a phone advertises 128 KiB-ish windows).
-#[derive(Debug, Clone, Copy)]
+/// Everything that makes one simulated phone: identity, engine settings, buffer sizes.
+#[derive(Debug, Clone)]
 pub struct PhoneConfig {
-    /// Engine settings (answered version, timers, ...).
+    /// Who the phone is (UDID, USB ids, lockdown's DeviceName).
+    pub identity: Identity,
+    /// Engine settings (`device_version`: the protocol version answered, 1 or 2; timers).
     pub session: SessionConfig,
     /// Receive buffer per connection (its free space is the window the host sees).
     pub rx_buffer: usize,
@@ -24,8 +27,21 @@ pub struct PhoneConfig {
 
 impl Default for PhoneConfig {
     fn default() -> Self {
+        PhoneConfig::simulated(1)
+    }
+}
+
+impl PhoneConfig {
+    /// The deterministic configuration of simulated phone `k` (see `crate::identity`).
+    pub fn simulated(k: u32) -> Self {
+        let identity = Identity::simulated(k);
+        let session = SessionConfig {
+            usb_packet_size: identity.max_packet_size,
+            ..SessionConfig::default()
+        };
         PhoneConfig {
-            session: SessionConfig::default(),
+            identity,
+            session,
             rx_buffer: 128 * 1024,
             tx_buffer: 128 * 1024,
         }
