@@ -7,7 +7,7 @@ use usbmux_core::mux::InsufficientSize;
 use usbmux_core::{Buffers, ConnId, Device, Event, Instant, Session, SessionConfig, Transmit};
 
 use crate::identity::Identity;
-use crate::service::Service;
+use crate::service::{Progress, Service};
 
 /// Most connections one simulated phone holds at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -141,8 +141,18 @@ impl Phone {
             }
             self.events.push(ev);
         }
+        let mut violations = Vec::new();
         for (id, svc) in self.services.iter_mut() {
-            moved |= svc.run(&mut self.session, *id);
+            match svc.run(&mut self.session, *id) {
+                Progress::Idle => {}
+                Progress::Moved => moved = true,
+                Progress::Violation(text) => violations.push((*id, text)),
+            }
+        }
+        for (id, text) in violations {
+            moved = true;
+            self.services.remove(&id);
+            let _ = self.session.reset(id, &text);
         }
         moved
     }

@@ -14,8 +14,19 @@ pub const DISCARD: u16 = 9;
 /// Port of the source service: a deterministic pattern, continuously.
 pub const SOURCE: u16 = 19;
 
+/// A request/response service over a byte stream (digest, lockdown): it consumes input and
+/// produces reply bytes. The runner feeds it only while no earlier reply is waiting to be sent,
+/// so a host that does not read cannot make the phone buffer without bound.
+pub trait Responder: Send {
+    /// Consumes a prefix of `input` and returns its length, appending any reply to `out`.
+    /// Input arrives split at arbitrary points (a ring buffer hands out contiguous runs), so a
+    /// responder keeps partial frames itself and must consume at least one byte of any
+    /// non-empty input. `Err(text)`: the peer broke the protocol; the phone resets the connection
+    /// with `text` as the RST reason.
+    fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, String>;
+}
+
 /// What runs on one accepted connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     /// Returns every byte.
     Echo,
@@ -26,6 +37,39 @@ pub enum Service {
         /// Bytes written so far.
         offset: u64,
     },
+    /// A [`Responder`] and the part of its last reply not yet sent.
+    Stream {
+        /// The protocol.
+        responder: Box<dyn Responder>,
+        /// Reply bytes waiting for send-buffer space.
+        pending: Vec<u8>,
+        /// How much of `pending` was already queued.
+        sent: usize,
+    },
+}
+
+impl core::fmt::Debug for Service {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Service::Echo => f.write_str("Echo"),
+            Service::Discard => f.write_str("Discard"),
+            Service::Source { offset } => write!(f, "Source({offset})"),
+            Service::Stream { pending, sent, .. } => {
+                write!(f, "Stream({} pending)", pending.len() - sent)
+            }
+        }
+    }
+}
+
+/// What one run of a service did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Nothing could move.
+    Idle,
+    /// Bytes moved.
+    Moved,
+    /// The peer broke the protocol: reset the connection with this text.
+    Violation(String),
 }
 
 impl Service {
@@ -40,13 +84,44 @@ impl Service {
         }
     }
 
-    /// Does as much work as the buffers allow; returns true if anything moved.
+    /// Wraps a request/response protocol.
+    pub fn stream(responder: Box<dyn Responder>) -> Service {
+        Service::Stream {
+            responder,
+            pending: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Does as much work as the buffers allow.
     pub fn run<const N: usize, const RX: usize>(
+        &mut self,
+        session: &mut Session<Device, Vec<u8>, N, RX>,
+        id: ConnId,
+    ) -> Progress {
+        if let Service::Stream {
+            responder,
+            pending,
+            sent,
+        } = self
+        {
+            return run_stream(responder.as_mut(), pending, sent, session, id);
+        }
+        let moved = self.run_simple(session, id);
+        if moved {
+            Progress::Moved
+        } else {
+            Progress::Idle
+        }
+    }
+
+    fn run_simple<const N: usize, const RX: usize>(
         &mut self,
         session: &mut Session<Device, Vec<u8>, N, RX>,
         id: ConnId,
     ) -> bool {
         match self {
+            Service::Stream { .. } => false,
             Service::Echo => {
                 let mut moved = false;
                 // Copy only what the send buffer takes, so nothing read is ever dropped.
@@ -96,6 +171,49 @@ impl Service {
                 n > 0
             }
         }
+    }
+}
+
+fn run_stream<const N: usize, const RX: usize>(
+    responder: &mut dyn Responder,
+    pending: &mut Vec<u8>,
+    sent: &mut usize,
+    session: &mut Session<Device, Vec<u8>, N, RX>,
+    id: ConnId,
+) -> Progress {
+    let mut moved = false;
+    for _ in 0..1024 {
+        // Send what is waiting first.
+        if *sent < pending.len() {
+            match session.send(id, &pending[*sent..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    *sent += n;
+                    moved = true;
+                    continue;
+                }
+                Err(_) => break,
+            }
+        }
+        pending.clear();
+        *sent = 0;
+        let input = match session.peek(id) {
+            Ok(d) if !d.is_empty() => d,
+            _ => break,
+        };
+        match responder.on_input(input, pending) {
+            Ok(0) => break,
+            Ok(n) => {
+                let _ = session.consume(id, n);
+                moved = true;
+            }
+            Err(text) => return Progress::Violation(text),
+        }
+    }
+    if moved {
+        Progress::Moved
+    } else {
+        Progress::Idle
     }
 }
 
