@@ -29,7 +29,7 @@ mod tests;
 #[macro_use]
 mod fmt;
 
-// pub mod io;
+pub mod io;
 pub mod mux;
 pub mod storage;
 pub mod tcp;
