@@ -288,6 +288,7 @@ fn closed_kind(kind: ResetKind) -> ErrorKind {
         | ResetKind::AckBeyondSent
         | ResetKind::BadFlags
         | ResetKind::Local
+        | ResetKind::Malformed
         | ResetKind::PeerRestarted => ErrorKind::ConnectionReset,
     }
 }

@@ -949,6 +949,14 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
                     self.stats.dropped_malformed += 1;
                     return;
                 };
+                if tp.header_len() != wire::tcp::HEADER_LEN {
+                    // Nobody sends TCP options over usbmux, and with no checksum a different
+                    // data offset means a corrupted header whose payload would be misread:
+                    // end that connection rather than accept shifted bytes.
+                    self.stats.dropped_malformed += 1;
+                    self.abort_by_ports(seg.dst_port, seg.src_port, ResetKind::Malformed);
+                    return;
+                }
                 self.on_tcp(now, &seg);
             }
             _ => {
@@ -1092,6 +1100,16 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
                         reason: ResetReason::with_text(ResetKind::Local, b"no such connection"),
                     });
                 }
+            }
+        }
+    }
+
+    /// Ends the live connection with these ports (if any), sending an RST with the reason.
+    fn abort_by_ports(&mut self, local: u16, remote: u16, kind: ResetKind) {
+        if let Some(i) = self.find(local, remote) {
+            if let Slot::Active(c) = &mut self.slots[i] {
+                c.abort(ResetReason::new(kind), true);
+                self.maybe_conn_events = true;
             }
         }
     }

@@ -132,6 +132,9 @@ pub enum ResetKind {
     HandshakeFailed,
     /// Device role: the application did not accept an incoming connection in time.
     NotAccepted,
+    /// A packet of this connection had a corrupted header (e.g. a data offset other than 5
+    /// words), so its payload could not be trusted.
+    Malformed,
 }
 
 impl ResetKind {
@@ -152,6 +155,7 @@ impl ResetKind {
             ResetKind::Unplugged => "link lost",
             ResetKind::HandshakeFailed => "version handshake failed",
             ResetKind::NotAccepted => "connection not accepted in time",
+            ResetKind::Malformed => "malformed TCP header",
         }
     }
 }

@@ -999,3 +999,29 @@ fn stats_count_both_ways() {
     assert_eq!(p.host.stats().packets_out, p.dev.stats().packets_in);
     assert_eq!(p.dev.stats().packets_out, p.host.stats().packets_in);
 }
+
+#[test]
+fn tcp_options_mean_corruption_and_reset_the_connection() {
+    let mut p = Pair::connected();
+    let a = p.connect(7);
+    let b = p.connect(7);
+    let sport = p.host.connection(a).unwrap().local_port();
+    // Data offset 6 words: the first 4 payload bytes would be taken for options.
+    let len = 16 + 24 + 4;
+    let mut pkt = vec![0u8; len];
+    pkt[0..4].copy_from_slice(&6u32.to_be_bytes());
+    pkt[4..8].copy_from_slice(&(len as u32).to_be_bytes());
+    pkt[8..12].copy_from_slice(&0xFEED_FACEu32.to_be_bytes());
+    pkt[16..18].copy_from_slice(&7u16.to_be_bytes());
+    pkt[18..20].copy_from_slice(&sport.to_be_bytes());
+    pkt[20..24].copy_from_slice(&1u32.to_be_bytes());
+    pkt[24..28].copy_from_slice(&1u32.to_be_bytes());
+    pkt[28] = 0x60;
+    pkt[29] = 0x10;
+    pkt[30..32].copy_from_slice(&512u16.to_be_bytes());
+    p.host.handle_transfer(p.now, &pkt);
+    p.drive();
+    assert!(p.host_has(|e| matches!(e, Event::Reset { id, reason } if *id == a && reason.kind == ResetKind::Malformed)));
+    assert_eq!(p.host.recv(a, &mut [0u8; 16]), Err(RecvError::Finished));
+    assert_eq!(p.host.state(b), Some(State::Established));
+}
