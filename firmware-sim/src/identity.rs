@@ -12,8 +12,11 @@
 //! | product id | 0x12a8 (iPhone) |
 //! | location id | `k` (bus 0, address `k`) |
 //! | speed | 480 000 000 bit/s (USB 2 high speed), wMaxPacketSize 512 |
+//! | lockdown values | the realistic iPhone 11 / iOS 16.6 set (`crate::lockdown`), `Pair` refused with `PasswordProtected` |
 
 use serde::{Deserialize, Serialize};
+
+use crate::lockdown::LockdownValues;
 
 /// The identity of one simulated phone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +35,8 @@ pub struct Identity {
     pub max_packet_size: u16,
     /// Lockdown's DeviceName.
     pub device_name: String,
+    /// Lockdown's other values (overrides of the realistic defaults) and its answer to `Pair`.
+    pub lockdown: LockdownValues,
 }
 
 impl Default for Identity {
@@ -61,6 +66,7 @@ impl Identity {
             speed: 480_000_000,
             max_packet_size: 512,
             device_name: format!("Simulated iPhone {k}"),
+            lockdown: LockdownValues::default(),
         }
     }
 

@@ -120,18 +120,22 @@ impl Phone {
         while let Some(ev) = self.session.poll_event() {
             moved = true;
             match &ev {
-                Event::Incoming { id, port } => match Service::for_port(*port) {
-                    Some(s) => {
-                        let bufs =
-                            Buffers::new(vec![0; self.cfg.rx_buffer], vec![0; self.cfg.tx_buffer]);
-                        if self.session.accept(*id, bufs).is_ok() {
-                            self.services.insert(*id, s);
+                Event::Incoming { id, port } => {
+                    match Service::for_port(*port, &self.cfg.identity) {
+                        Some(s) => {
+                            let bufs = Buffers::new(
+                                vec![0; self.cfg.rx_buffer],
+                                vec![0; self.cfg.tx_buffer],
+                            );
+                            if self.session.accept(*id, bufs).is_ok() {
+                                self.services.insert(*id, s);
+                            }
+                        }
+                        None => {
+                            let _ = self.session.refuse(*id, b"Connection refused");
                         }
                     }
-                    None => {
-                        let _ = self.session.refuse(*id, b"Connection refused");
-                    }
-                },
+                }
                 Event::Reset { id, .. } | Event::Refused { id, .. } => {
                     self.services.remove(id);
                     let _ = self.session.reset(*id, "");

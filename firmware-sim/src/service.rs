@@ -75,11 +75,15 @@ pub enum Progress {
 impl Service {
     /// The service listening on `port`, or `None` (the phone refuses with RST, as a real one
     /// does).
-    pub fn for_port(port: u16) -> Option<Service> {
+    pub fn for_port(port: u16, identity: &crate::identity::Identity) -> Option<Service> {
         match port {
             ECHO => Some(Service::Echo),
             DISCARD => Some(Service::Discard),
             SOURCE => Some(Service::Source { offset: 0 }),
+            crate::digest::PORT => Some(Service::stream(Box::new(crate::digest::Digest::new()))),
+            crate::lockdown::PORT => Some(Service::stream(Box::new(
+                crate::lockdown::Lockdown::new(identity),
+            ))),
             _ => None,
         }
     }
