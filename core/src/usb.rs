@@ -68,7 +68,7 @@ pub const fn needs_zlp(len: usize, max_packet_size: u16) -> bool {
         0 => FALLBACK_MAX_PACKET_SIZE,
         m => m as usize,
     };
-    len > 0 && len % mps == 0
+    len > 0 && len.is_multiple_of(mps)
 }
 
 /// Which end of the cable a [`Reassembler`] serves; the two receive very differently.
