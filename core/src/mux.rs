@@ -696,7 +696,18 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
     pub fn reset(&mut self, id: ConnId, text: &str) -> Result<Buffers<B>, InvalidHandle> {
         let inner = &mut self.inner;
         let c = inner.conn_mut(id).ok_or(InvalidHandle)?;
-        if c.state() != State::Closed {
+        if let Some(reason) = c.take_pending_rst() {
+            // The connection closed itself (bad seq, overflow, ...) and its RST has not left
+            // yet: it must still go, with its reason, even though the slot is freed now.
+            let (src_port, dst_port, seq, ack) = c.rst_fields();
+            inner.queue_rst(OutRst {
+                src_port,
+                dst_port,
+                seq,
+                ack,
+                reason,
+            });
+        } else if c.state() != State::Closed {
             // The slot is freed below, so the RST leaves as a detached one.
             let reason = if text.is_empty() {
                 ResetReason::new(ResetKind::Local)
@@ -1065,7 +1076,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         match self.find(local, remote) {
             Some(i) => match &mut self.slots[i] {
                 Slot::Active(c) => {
-                    if c.process(seg, &self.cfg.conn) == Outcome::Closed {
+                    if c.process(now, seg, &self.cfg.conn) == Outcome::Closed {
                         match c.reason().map(|r| r.kind) {
                             Some(ResetKind::UnexpectedSeq) => self.stats.resets_bad_seq += 1,
                             Some(ResetKind::AckBeyondSent) => self.stats.resets_bad_ack += 1,
@@ -1342,7 +1353,13 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
                 }
                 continue;
             };
-            match c.dispatch(now, out, max_payload, &cfg) {
+            match c.dispatch(
+                now,
+                out,
+                max_payload,
+                (hl, usize::from(self.cfg.usb_packet_size)),
+                &cfg,
+            ) {
                 Ok(Some(n)) => {
                     self.maybe_conn_events = true;
                     self.cursor = (i + 1) % N;

@@ -313,6 +313,8 @@ pub struct ConnStats {
     pub pure_acks_sent: u64,
     /// Window updates re-sent by the idle re-ACK timer.
     pub reacks_sent: u64,
+    /// Pure ACKs sent as probes while our data was unacknowledged or the peer's window closed.
+    pub probes_sent: u64,
     /// Times the peer's window stopped us while data was queued.
     pub window_stalls: u64,
 }
@@ -360,6 +362,16 @@ pub struct Connection<B> {
     ack_due: Option<Instant>,
     connect_deadline: Option<Instant>,
     reack_at: Option<Instant>,
+    /// Sender side: when to send a pure ACK at `snd_nxt` because data is unacknowledged or the
+    /// peer's window is closed. Nothing retransmits, so this probe is how a lost data packet is
+    /// found (the receiver sees a seq it did not expect and resets) and how a lost window update
+    /// is asked for again.
+    probe_at: Option<Instant>,
+    probe_backoff: Duration,
+    probe_count: u8,
+    /// When we last sent anything on this connection (a peer's probe is answered only by a
+    /// silent side, so two idle peers cannot ping-pong).
+    last_sent: Option<Instant>,
     reack_backoff: Duration,
     reack_count: u8,
     stalled: bool,
@@ -433,6 +445,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             ack_due: None,
             connect_deadline: None,
             reack_at: None,
+            probe_at: None,
+            probe_backoff: Duration::ZERO,
+            probe_count: 0,
+            last_sent: None,
             reack_backoff: Duration::ZERO,
             reack_count: 0,
             stalled: false,
@@ -508,6 +524,22 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         )
     }
 
+    /// The reason of an RST that was decided but not yet sent (the connection closed itself
+    /// and the application releases it before `poll_transmit` ran); taking it means the caller
+    /// sends it.
+    pub(crate) fn take_pending_rst(&mut self) -> Option<ResetReason> {
+        if self.rst_pending {
+            self.rst_pending = false;
+            Some(
+                self.reason
+                    .clone()
+                    .unwrap_or_else(|| ResetReason::new(ResetKind::Local)),
+            )
+        } else {
+            None
+        }
+    }
+
     pub(crate) fn matches(&self, local_port: u16, remote_port: u16) -> bool {
         self.local_port == local_port && self.remote_port == remote_port
     }
@@ -540,6 +572,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         (edge.wrapping_sub(w * 256), w as u16, edge)
     }
 
+    /// Is anything of ours waiting on the peer: data sent but not acknowledged, or data queued
+    /// behind a closed window?
+    fn outstanding(&self) -> bool {
+        seq_gt(self.snd_nxt, self.snd_una) || (!self.tx.is_empty() && self.peer_window() == 0)
+    }
+
     /// Could the peer be waiting for a window update? Its remaining window (nothing is lost, so
     /// its next seq is our `rcv_nxt`) is smaller than a useful segment.
     fn peer_may_be_blocked(&self, max_payload: usize) -> bool {
@@ -565,6 +603,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         self.ack_due = None;
         self.connect_deadline = None;
         self.reack_at = None;
+        self.probe_at = None;
         self.tx.clear();
         self.reason = Some(reason);
         self.events |= ev::CLOSED;
@@ -578,7 +617,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
     }
 
     /// Consumes one segment addressed to this connection.
-    pub(crate) fn process(&mut self, seg: &TcpRepr<'_>, cfg: &ConnConfig) -> Outcome {
+    pub(crate) fn process(&mut self, now: Instant, seg: &TcpRepr<'_>, cfg: &ConnConfig) -> Outcome {
         self.stats.packets_received += 1;
         let flags = seg.flags;
         match self.state {
@@ -628,11 +667,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 self.events |= ev::CONNECTED | ev::WRITABLE;
                 Outcome::Ok
             }
-            State::Established => self.process_established(seg, cfg),
+            State::Established => self.process_established(now, seg, cfg),
         }
     }
 
-    fn process_established(&mut self, seg: &TcpRepr<'_>, cfg: &ConnConfig) -> Outcome {
+    fn process_established(
+        &mut self,
+        now: Instant,
+        seg: &TcpRepr<'_>,
+        cfg: &ConnConfig,
+    ) -> Outcome {
         let flags = seg.flags;
         if flags.contains(Flags::RST) {
             self.close(peer_text(ResetKind::PeerReset, seg.payload), false);
@@ -683,11 +727,18 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 return Outcome::Closed;
             }
             if !seq_gt(self.snd_una, seg.ack) {
-                let was_blocked = self.peer_window() == 0;
+                let progress = seq_gt(seg.ack, self.snd_una);
+                let old_edge = self.snd_edge;
                 self.snd_una = seg.ack;
                 self.snd_edge = seg.ack.wrapping_add(u32::from(seg.window) << 8);
-                if was_blocked && self.peer_window() > 0 && !self.tx.is_empty() {
+                if self.peer_window() > 0 {
                     self.stalled = false;
+                }
+                if progress || seq_gt(self.snd_edge, old_edge) {
+                    // The peer is alive and listening: start probing afresh if still needed.
+                    self.probe_count = 0;
+                    self.probe_backoff = cfg.reack_interval;
+                    self.probe_at = self.outstanding().then(|| now + cfg.reack_interval);
                 }
             }
         }
@@ -724,6 +775,14 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             // The peer is sending again: whatever update it was waiting for arrived.
             self.reack_at = None;
             self.reack_count = 0;
+        } else if flags.contains(Flags::ACK)
+            && self.last_sent.is_none_or(|t| now >= t + cfg.reack_interval)
+        {
+            // A pure ACK while we have been silent: the peer may be probing because it is
+            // blocked on a window update of ours that was lost (or corrupted). Answer with the
+            // current ack and window. Only a silent side answers, so two idle peers exchange
+            // at most one packet per interval.
+            self.ack_now = true;
         }
         if flags.contains(Flags::FIN) {
             self.close(ResetReason::new(ResetKind::PeerFin), true);
@@ -773,9 +832,14 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
     /// Earliest instant at which `handle_timeout` has work for this connection.
     pub(crate) fn poll_at(&self) -> Option<Instant> {
         let mut t: Option<Instant> = None;
-        for d in [self.connect_deadline, self.ack_due, self.reack_at]
-            .into_iter()
-            .flatten()
+        for d in [
+            self.connect_deadline,
+            self.ack_due,
+            self.reack_at,
+            self.probe_at,
+        ]
+        .into_iter()
+        .flatten()
         {
             t = Some(t.map_or(d, |x| x.min(d)));
         }
@@ -812,6 +876,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 self.ack_now = true;
             }
         }
+        if let Some(d) = self.probe_at {
+            if now >= d {
+                self.probe_count = self.probe_count.saturating_add(1);
+                if !self.outstanding() || self.probe_count > cfg.reack_limit {
+                    self.probe_at = None;
+                } else {
+                    self.ack_now = true;
+                    self.stats.probes_sent += 1;
+                    self.probe_backoff = self.probe_backoff.doubled().min(cfg.reack_max_interval);
+                    self.probe_at = Some(now + self.probe_backoff);
+                }
+            }
+        }
         if let Some(d) = self.reack_at {
             if now >= d {
                 self.reack_count = self.reack_count.saturating_add(1);
@@ -831,11 +908,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
     /// Produces at most one TCP segment (header + payload) into `out`, which starts where the
     /// TCP header goes. `Ok(None)`: nothing to send. `Err(required)`: `out` is too small for the
     /// next segment; nothing changed.
+    ///
+    /// `zlp_unit` is (mux header length, wMaxPacketSize): a data packet that would be an exact
+    /// multiple of the packet size (and so need a ZLP, one more transfer) is cut one byte short
+    /// when more data follows anyway.
     pub(crate) fn dispatch(
         &mut self,
         now: Instant,
         out: &mut [u8],
         max_payload: usize,
+        zlp_unit: (usize, usize),
         cfg: &ConnConfig,
     ) -> Result<Option<usize>, usize> {
         let hl = tcpw::HEADER_LEN;
@@ -886,6 +968,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             self.rcv_edge = edge;
             self.snd_nxt = 1;
             self.syn_pending = false;
+            self.last_sent = Some(now);
             self.connect_deadline = Some(now + cfg.connect_timeout);
             self.stats.packets_sent += 1;
             return Ok(Some(n));
@@ -906,6 +989,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             self.ack_sent = ack;
             self.snd_nxt = 1;
             self.synack_pending = false;
+            self.last_sent = Some(now);
             self.stats.packets_sent += 1;
             self.events |= ev::WRITABLE;
             return Ok(Some(n));
@@ -933,13 +1017,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         }
 
         let queued = self.tx.len();
-        let n = queued
-            .min(self.peer_window())
-            .min(max_payload)
-            .min(out.len() - hl);
+        let sendable = queued.min(self.peer_window());
+        let mut n = sendable.min(max_payload).min(out.len() - hl);
+        let (mux_hl, mps) = zlp_unit;
+        if n > 1 && n < sendable && mps > 0 && (mux_hl + hl + n).is_multiple_of(mps) {
+            n -= 1;
+        }
         if queued > 0 && self.peer_window() == 0 && !self.stalled {
             self.stalled = true;
             self.stats.window_stalls += 1;
+            if self.probe_at.is_none() {
+                self.probe_backoff = cfg.reack_interval;
+                self.probe_at = Some(now + cfg.reack_interval);
+            }
         }
         if n == 0 && !self.ack_now {
             return Ok(None);
@@ -971,6 +1061,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         }
         self.snd_nxt = self.snd_nxt.wrapping_add(copied as u32);
         self.stats.bytes_sent += copied as u64;
+        self.last_sent = Some(now);
+        if copied > 0 && self.probe_at.is_none() {
+            self.probe_count = 0;
+            self.probe_backoff = cfg.reack_interval;
+            self.probe_at = Some(now + cfg.reack_interval);
+        }
         self.stats.packets_sent += 1;
         if copied == 0 {
             self.stats.pure_acks_sent += 1;

@@ -1025,3 +1025,65 @@ fn tcp_options_mean_corruption_and_reset_the_connection() {
     assert_eq!(p.host.recv(a, &mut [0u8; 16]), Err(RecvError::Finished));
     assert_eq!(p.host.state(b), Some(State::Established));
 }
+
+#[test]
+fn full_size_packets_avoid_zlps_while_more_data_follows() {
+    let mut p = Pair::connected();
+    let id = p.connect_with(7, 1 << 20, 1 << 20);
+    let dev = p.dev_id(0);
+    p.log = true;
+    let data = pattern(1 << 20, 11);
+    assert_eq!(p.host.send(id, &data), Ok(1 << 20));
+    let got = transfer(&mut p, true, id, dev, &[], 1);
+    assert!(got.is_empty());
+    let mut rbuf = vec![0u8; 1 << 20];
+    let mut got = Vec::new();
+    for _ in 0..1000 {
+        p.step();
+        let n = p.dev.recv(dev, &mut rbuf).unwrap();
+        got.extend_from_slice(&rbuf[..n]);
+        if got.len() == data.len() {
+            break;
+        }
+        p.fire_next_timer();
+    }
+    assert!(got == data);
+    let data_packets: Vec<usize> = p.h2d_log.iter().map(Vec::len).filter(|&l| l > 36).collect();
+    assert!(
+        data_packets.len() >= 21,
+        "{} data packets",
+        data_packets.len()
+    );
+    assert!(
+        data_packets.contains(&49_151),
+        "full packets are one byte short"
+    );
+    // 49 152-byte packets would each need a ZLP; trimming one byte avoids them while more
+    // data follows.
+    let zlps = p.h2d_log.iter().filter(|pkt| pkt.len() % 512 == 0).count();
+    assert!(zlps <= 1, "{zlps} ZLPs");
+}
+
+#[test]
+fn unacknowledged_data_is_probed_so_a_lost_packet_is_found() {
+    let mut p = Pair::connected();
+    let id = p.connect(7);
+    let dev = p.dev_id(0);
+    // The one data packet the device sends is lost; nothing else would follow.
+    let mut dropped = false;
+    p.filter_d2h = Some(Box::new(move |pkt| {
+        if pkt.len() > 36 && !dropped {
+            dropped = true;
+            return false;
+        }
+        true
+    }));
+    p.dev.send(dev, b"lost in transit").unwrap();
+    p.drive();
+    for _ in 0..5 {
+        p.fire_next_timer();
+    }
+    assert!(p.dev.conn_stats(dev).map_or(0, |s| s.probes_sent) >= 1);
+    assert!(p.host_has(|e| matches!(e, Event::Reset { id: i, reason } if *i == id && reason.kind == ResetKind::UnexpectedSeq)));
+    assert!(p.dev_has(|e| matches!(e, Event::Reset { id: i, reason } if *i == dev && reason.text().starts_with(b"unexpected sequence number"))));
+}

@@ -17,14 +17,14 @@
 //! - [`one_lost_packet`]: one packet dropped mid-stream (every stream holds back its tail until
 //!   the drop, so more data always follows it), either direction: never a wrong byte; the other
 //!   connections complete byte-exact; the affected one completes or is reset with a reason on
-//!   both ends — or hangs, the engine gap below, which this form tolerates. The strict form
-//!   (no hang, and the drop may hit a stream's last packet) fails on the current engine and is
-//!   `#[ignore]`d: see [`one_lost_packet_strict`] and the two `lost_*` tests.
+//!   both ends. [`one_lost_packet_strict`] lets the drop hit a stream's last packet too and
+//!   requires that nothing hangs: the sender's probe (a pure ACK at its next seq after an idle
+//!   interval with unacknowledged data or a closed window) makes the receiver notice the gap.
+//!   The two `lost_*` tests are its minimal deterministic cases.
 //!
 //! Default case counts keep this file fast on 2 cores (about 1.5 s in the dev profile). Run
 //! longer with `PROPTEST_CASES`, which overrides every block's default, e.g.
-//! `PROPTEST_CASES=2000 cargo test -p usbmux-core --release --test properties`
-//! (add `-- --ignored` for the strict lost-packet property).
+//! `PROPTEST_CASES=2000 cargo test -p usbmux-core --release --test properties`.
 
 use std::collections::HashMap;
 
@@ -340,7 +340,7 @@ impl Net {
     /// Calls `handle_timeout` on each side whose timer is due (and, now and then, early: that
     /// must be a harmless no-op).
     fn fire_due(&mut self) {
-        let early = self.rng.next() % 16 == 0;
+        let early = self.rng.next().is_multiple_of(16);
         if early || self.host.poll_timeout().is_some_and(|t| t <= self.now) {
             self.host.handle_timeout(self.now);
         }
@@ -684,7 +684,7 @@ fn drive(net: &mut Net, conns: &mut [Conn], tick: Duration, allow_resets: bool) 
             let (lh, ld) = (lim(&c.h2d), lim(&c.d2h));
             progress |= write(&mut *net.host, c.host_id, &mut c.h2d, lh, &c.host_app);
             progress |= write(&mut *net.dev, c.dev_id, &mut c.d2h, ld, &c.dev_app);
-            if step % u64::from(c.host_app.read_every) == 0 {
+            if step.is_multiple_of(u64::from(c.host_app.read_every)) {
                 progress |= read(
                     &mut *net.host,
                     c.host_id,
@@ -693,7 +693,7 @@ fn drive(net: &mut Net, conns: &mut [Conn], tick: Duration, allow_resets: bool) 
                     &mut scratch,
                 );
             }
-            if step % u64::from(c.dev_app.read_every) == 0 {
+            if step.is_multiple_of(u64::from(c.dev_app.read_every)) {
                 progress |= read(
                     &mut *net.dev,
                     c.dev_id,
@@ -1441,11 +1441,12 @@ proptest! {
     #![proptest_config(config(1024))]
 
     /// One packet lost mid-stream (always followed by more data): never a wrong byte; the other
-    /// connections are untouched; the affected one completes, is reset on both ends with a
-    /// reason, or — a known engine gap, rare in this form, see `one_lost_packet_strict` — hangs.
+    /// connections are untouched; the affected one completes or is reset on both ends with a
+    /// reason, and never hangs.
     #[test]
     fn one_lost_packet((plan, drop, tail) in fault_plan(1)) {
-        lost_packet_case(&plan, drop, tail)?;
+        let hung = lost_packet_case(&plan, drop, tail)?;
+        prop_assert!(hung.is_none(), "the affected connection hung: {}", hung.unwrap_or_default());
     }
 }
 
@@ -1455,17 +1456,13 @@ proptest! {
     /// As `one_lost_packet`, but the drop may also hit a stream's last packet, and the affected
     /// connection must not hang.
     ///
-    /// FAILS on the current engine (ignored until fixed): a lost *data* packet is only noticed
-    /// when the sender sends again on that connection (the next segment's seq is unexpected). If
-    /// the sender has nothing more to send — or is blocked because the lost packet used up the
-    /// receiver's window, which the receiver, never having received it, does not reopen — nothing
-    /// is ever sent again: no reset, no completion. Minimal deterministic reproductions:
-    /// `lost_last_data_packet_hangs` and `lost_window_filling_packet_hangs`. A remedy would be a
-    /// sender-side probe: after an idle interval with unacknowledged data (`snd_una != snd_nxt`)
-    /// or a zero peer window, send a pure ACK (seq = `snd_nxt`), which a receiver that missed
-    /// data answers with an "unexpected sequence number" RST.
+    /// A lost *data* packet is noticed when the receiver next sees a seq it did not expect. If
+    /// the sender had nothing more to send, or was blocked because the lost packet used up the
+    /// receiver's window, only the sender's probe (a pure ACK at `snd_nxt` after an idle
+    /// interval with unacknowledged data or a closed window) sends anything again. Minimal
+    /// deterministic cases: `lost_last_data_packet_is_detected` and
+    /// `lost_window_filling_packet_is_detected`.
     #[test]
-    #[ignore = "engine gap: a lost data packet can hang its connection (see doc comment)"]
     fn one_lost_packet_strict((plan, drop, tail) in fault_plan(0)) {
         let hung = lost_packet_case(&plan, drop, tail)?;
         prop_assert!(hung.is_none(), "the affected connection hung: {}", hung.unwrap_or_default());
@@ -1488,11 +1485,10 @@ fn one_conn_dropping_next_d2h(host_rx: usize) -> (Net, ConnId, ConnId) {
     (net, h, d)
 }
 
-/// The device sends 1000 bytes and stops; that one data packet is lost. Nothing else is ever
-/// sent: the host never learns of the loss and waits forever (the bytes are silently lost).
+/// The device sends 1000 bytes and stops; that one data packet is lost. Without the sender's
+/// probe nothing else would ever be sent and the bytes would be lost silently.
 #[test]
-#[ignore = "engine gap: lost last data packet is never detected (see one_lost_packet_strict)"]
-fn lost_last_data_packet_hangs() {
+fn lost_last_data_packet_is_detected() {
     let (mut net, h, d) = one_conn_dropping_next_d2h(4096);
     assert_eq!(net.dev.send(d, &pattern(1000, 3)), Ok(1000));
     net.run_until(Duration::from_secs(60), |_| false);
@@ -1506,11 +1502,10 @@ fn lost_last_data_packet_hangs() {
 }
 
 /// Host rx 4096: the device sends 8192 bytes; its first packet (4096 bytes, the whole window) is
-/// lost. The device is blocked by the window; the host has nothing to read, so its window never
-/// moves and it sends nothing. Neither side ever sends again.
+/// lost. The device is blocked by the window and the host has nothing to read, so without the
+/// probe neither side would ever send again.
 #[test]
-#[ignore = "engine gap: lost window-filling packet deadlocks (see one_lost_packet_strict)"]
-fn lost_window_filling_packet_hangs() {
+fn lost_window_filling_packet_is_detected() {
     let (mut net, h, d) = one_conn_dropping_next_d2h(4096);
     let data = pattern(8192, 4);
     // The device's 4 KiB send buffer takes half; that half goes out as one packet and is lost.

@@ -79,13 +79,12 @@
 //! accepted. At most one request is handled per call, so replies never pile up while the host
 //! does not read.
 
-use std::io::Cursor;
-
 use plist::{Dictionary, Value};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::identity::Identity;
+use crate::plist_guard::{self, Limits};
 use crate::service::Responder;
 
 /// The lockdown service's port.
@@ -97,6 +96,16 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// Most arrays and dictionaries one request may contain (real requests have at most a handful).
 pub const MAX_COLLECTIONS: usize = 256;
+
+/// What [`plist_guard`] lets through to the plist parser: [`MAX_MESSAGE`] bytes,
+/// [`MAX_COLLECTIONS`] collections nested at most as deep as there are collections, and string
+/// and data payload (counted once per reference) up to four messages' worth.
+const LIMITS: Limits = Limits {
+    max_len: MAX_MESSAGE,
+    max_collections: MAX_COLLECTIONS,
+    max_depth: MAX_COLLECTIONS,
+    max_expanded: 4 * MAX_MESSAGE,
+};
 
 /// The `Type` lockdownd answers to `QueryType`.
 pub const SERVICE_TYPE: &str = "com.apple.mobile.lockdown";
@@ -148,7 +157,7 @@ impl<'de> Deserialize<'de> for HexData {
 
 fn parse_hex(text: &str) -> Option<Vec<u8>> {
     let digits = text.as_bytes();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| (c as char).to_digit(16);
@@ -643,14 +652,7 @@ fn error(mut reply: Dictionary, text: &str) -> Dictionary {
 
 /// Parses a request body into a dictionary, or `None` if it is not a (safe) plist dictionary.
 fn parse_request(body: &[u8]) -> Option<Dictionary> {
-    let value = if body.starts_with(b"bplist00") {
-        guard::check_binary(body).ok()?;
-        Value::from_reader(Cursor::new(body)).ok()?
-    } else {
-        guard::check_xml(body).ok()?;
-        Value::from_reader_xml(body).ok()?
-    };
-    value.into_dictionary()
+    plist_guard::parse(body, &LIMITS).ok()?.into_dictionary()
 }
 
 impl Responder for Lockdown {
@@ -702,142 +704,6 @@ impl Responder for Lockdown {
             }
         }
         Ok(used)
-    }
-}
-
-/// Cheap checks run before the plist parser sees untrusted bytes. They are conservative: they
-/// may refuse a valid plist (with more than [`MAX_COLLECTIONS`] collections, or sharing one),
-/// never let through one that could make the parser or `Drop` recurse deeply or expand
-/// exponentially.
-mod guard {
-    use super::MAX_COLLECTIONS;
-
-    /// Counts XML start tags whose (local) name is `array` or `dict`: an upper bound of the
-    /// collections the XML reader builds, hence of the nesting depth. Comments, CDATA and
-    /// attribute values are not skipped, which can only over-count.
-    pub fn check_xml(body: &[u8]) -> Result<(), &'static str> {
-        let mut count = 0usize;
-        let mut i = 0;
-        while let Some(off) = body[i..].iter().position(|&b| b == b'<') {
-            let start = i + off + 1;
-            // The name ends at the first byte that cannot be part of an XML name (whitespace,
-            // '/', '>', '<', ...): never later than where quick-xml ends it, and each byte is
-            // scanned at most twice.
-            let end = body[start..]
-                .iter()
-                .position(|&b| {
-                    !(b.is_ascii_alphanumeric()
-                        || matches!(b, b'_' | b'-' | b'.' | b':')
-                        || b >= 0x80)
-                })
-                .map_or(body.len(), |p| start + p);
-            let name = &body[start..end];
-            let is = |local: &[u8]| {
-                name == local
-                    || (name.len() > local.len()
-                        && name.ends_with(local)
-                        && name[name.len() - local.len() - 1] == b':')
-            };
-            if is(b"array") || is(b"dict") {
-                count += 1;
-                if count > MAX_COLLECTIONS {
-                    return Err("too many collections");
-                }
-            }
-            i = start;
-        }
-        Ok(())
-    }
-
-    fn be(bytes: &[u8]) -> u64 {
-        bytes.iter().fold(0, |n, &b| n << 8 | u64::from(b))
-    }
-
-    /// Walks a binary plist's offset table and collections (reading only bytes inside the
-    /// file): at most [`MAX_COLLECTIONS`] collections, none referenced twice (the root counts
-    /// as referenced once), no more references than bytes.
-    pub fn check_binary(body: &[u8]) -> Result<(), &'static str> {
-        const BAD: &str = "malformed binary plist";
-        if body.len() < 8 + 32 {
-            return Err(BAD);
-        }
-        let trailer_start = body.len() - 32;
-        let t = &body[trailer_start..];
-        let offset_size = usize::from(t[6]);
-        let ref_size = usize::from(t[7]);
-        if !matches!(offset_size, 1 | 2 | 3 | 4 | 8) || !matches!(ref_size, 1 | 2 | 3 | 4 | 8) {
-            return Err(BAD);
-        }
-        let num = usize::try_from(be(&t[8..16])).map_err(|_| BAD)?;
-        let top = usize::try_from(be(&t[16..24])).map_err(|_| BAD)?;
-        let table = usize::try_from(be(&t[24..32])).map_err(|_| BAD)?;
-        let table_end = num
-            .checked_mul(offset_size)
-            .and_then(|n| n.checked_add(table))
-            .ok_or(BAD)?;
-        if table_end > trailer_start || top >= num {
-            return Err(BAD);
-        }
-        let offsets: Vec<usize> = body[table..table_end]
-            .chunks(offset_size)
-            .map(|c| usize::try_from(be(c)).unwrap_or(usize::MAX))
-            .collect();
-        if offsets.iter().any(|&o| o >= trailer_start) {
-            return Err(BAD);
-        }
-        let is_collection = |marker: u8| matches!(marker >> 4, 0xA | 0xC | 0xD);
-        let collections: Vec<usize> = (0..num)
-            .filter(|&i| is_collection(body[offsets[i]]))
-            .collect();
-        if collections.len() > MAX_COLLECTIONS {
-            return Err("too many collections");
-        }
-        let mut referenced = vec![false; num];
-        referenced[top] = true;
-        let mut total_refs = 0usize;
-        for &i in &collections {
-            let mut pos = offsets[i];
-            let marker = body[pos];
-            pos += 1;
-            let mut len = usize::from(marker & 0x0f);
-            if len == 0x0f {
-                // Extended length: an integer object 0x1n of 2^n bytes follows.
-                let int = *body.get(pos).ok_or(BAD)?;
-                let size = 1usize << (int & 0x03);
-                let bytes = body.get(pos + 1..pos + 1 + size).ok_or(BAD)?;
-                len = usize::try_from(be(bytes)).map_err(|_| BAD)?;
-                pos += 1 + size;
-            }
-            let refs = if marker >> 4 == 0xD {
-                len.checked_mul(2).ok_or(BAD)?
-            } else {
-                len
-            };
-            total_refs = total_refs.checked_add(refs).ok_or(BAD)?;
-            if total_refs > body.len() {
-                return Err(BAD);
-            }
-            let end = refs
-                .checked_mul(ref_size)
-                .and_then(|n| n.checked_add(pos))
-                .ok_or(BAD)?;
-            if end > trailer_start {
-                return Err(BAD);
-            }
-            for r in body[pos..end].chunks(ref_size) {
-                let r = usize::try_from(be(r)).map_err(|_| BAD)?;
-                if r >= num {
-                    return Err(BAD);
-                }
-                if is_collection(body[offsets[r]]) {
-                    if referenced[r] {
-                        return Err("shared collection");
-                    }
-                    referenced[r] = true;
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -1512,10 +1378,13 @@ WiFiAddress: a4:c3:f0:12:34:56
         ]
         .concat();
         assert!(
-            Value::from_reader(Cursor::new(&shared)).is_ok(),
+            Value::from_reader(std::io::Cursor::new(&shared)).is_ok(),
             "valid plist"
         );
-        assert_eq!(guard::check_binary(&shared), Err("shared collection"));
+        assert_eq!(
+            plist_guard::check_binary(&shared, &LIMITS),
+            Err(plist_guard::GuardError::SharedCollection)
+        );
         assert_eq!(
             replies(&mut l, &framed_raw(&shared)),
             std::slice::from_ref(&invalid)
@@ -1537,23 +1406,28 @@ WiFiAddress: a4:c3:f0:12:34:56
         chain.extend_from_slice(&u64::from(n).to_be_bytes());
         chain.extend_from_slice(&[0; 8]);
         chain.extend_from_slice(&u64::from(table).to_be_bytes());
-        assert_eq!(guard::check_binary(&chain), Err("shared collection"));
+        assert_eq!(
+            plist_guard::check_binary(&chain, &LIMITS),
+            Err(plist_guard::GuardError::SharedCollection)
+        );
         assert_eq!(
             replies(&mut l, &framed_raw(&chain)),
             std::slice::from_ref(&invalid)
         );
         // Truncated / lying binary plists.
         for cut in 0..shared.len() {
-            assert!(guard::check_binary(&shared[..cut]).is_err() || cut == shared.len());
+            assert!(
+                plist_guard::check_binary(&shared[..cut], &LIMITS).is_err() || cut == shared.len()
+            );
         }
         let mut lying = shared.clone();
         let at = lying.len() - 16;
         lying[at..at + 8].copy_from_slice(&u64::MAX.to_be_bytes()); // root out of range
-        assert!(guard::check_binary(&lying).is_err());
+        assert!(plist_guard::check_binary(&lying, &LIMITS).is_err());
         let mut lying = shared.clone();
         lying[8] = 0xAF; // extended length that runs past the end
         lying[9] = 0x13;
-        assert!(guard::check_binary(&lying).is_err());
+        assert!(plist_guard::check_binary(&lying, &LIMITS).is_err());
     }
 
     #[test]

@@ -1644,13 +1644,14 @@ fn injector_survives_any_bytes() {
     }
 }
 
-// ---- Limits: what nothing recovers ------------------------------------------------------
+// ---- Loss that only the sender's probe reveals ------------------------------------------
 
-/// Nothing in usbmux retransmits and nothing probes: a lost packet is noticed only when its
-/// connection sends again. Losing the *last* data packet of a burst leaves the connection
-/// waiting, with no timer running on either side.
+/// Nothing in usbmux retransmits: a lost packet is noticed when its connection sends again.
+/// When the lost one was the *last* data packet of a burst, the sender's probe (a pure ACK at
+/// its next seq after an idle interval with unacknowledged data) is what sends again: the
+/// phone sees a seq it did not expect and resets with a reason the host sees.
 #[test]
-fn lost_last_packet_is_never_noticed() {
+fn lost_last_packet_is_found_by_the_probe() {
     // The echo's 17th and last write (576 bytes) never reaches the phone.
     let w = run(Setup::one(Rule::at_packet(
         16,
@@ -1658,47 +1659,33 @@ fn lost_last_packet_is_never_noticed() {
         data(ECHO),
         Action::Drop,
     )));
-    w.fired(0).intact(SOURCE);
-    let f = w.flow(ECHO);
-    assert_eq!(
-        (f.got.len(), &f.end),
-        (ECHO_LEN - 576, &None),
-        "{}",
-        w.describe()
-    );
-    assert!(w.rig().host.poll_timeout().is_none());
+    w.fired(0)
+        .intact(SOURCE)
+        .phone_reset(ResetKind::UnexpectedSeq, "unexpected sequence number")
+        .reset(ECHO, ResetKind::PeerReset, "unexpected sequence number");
 }
 
-/// A window of 0 in the SYN|ACK: the host never sends on that connection. The phone does not
-/// think the host is blocked (its own edge is wide open), so it sends no update, and the host
-/// has no zero-window probe.
+/// A window of 0 in the SYN|ACK: the host cannot send. Its probe (a pure ACK while its data
+/// waits behind a closed window) reaches a phone that has been silent, which answers with its
+/// real window, and the echo completes.
 #[test]
-fn zero_window_in_synack_stalls_the_sender() {
+fn zero_window_in_synack_is_recovered_by_the_probe() {
     let w = run(Setup::one(Rule::at_packet(
         0,
         D2H,
         Filter::on_port(PacketKind::SynAck, ECHO),
         Action::SetWindow(0),
     )));
-    w.fired(0).intact(SOURCE);
-    let r = w.rig();
-    let f = w.flow(ECHO);
-    assert_eq!((f.got.len(), &f.end), (0, &None), "{}", w.describe());
-    let conn = r.host.connection(f.id.unwrap()).unwrap();
-    assert_eq!(conn.peer_window(), 0);
-    assert!(conn.send_queue() > 0);
+    w.fired(0).intact(SOURCE).intact(ECHO);
 }
 
-// ---- Known engine / simulator issues ---------------------------------------------------------
+// ---- Releasing a connection that closed itself still sends its RST -----------------------------
 
 /// A phone that detects a violation ends its connection with a reason and an RST carrying it,
-/// so the host should see `PeerReset` with the phone's text (e.g. "unexpected sequence number
-/// ..."). Today the host sees "no such connection" instead (and only once it sends again):
-/// `Phone::handle_transfer` polls events right after `Session::handle_transfer`, before
-/// `poll_transmit`, and its `Session::reset(id)` on the `Reset` event frees the slot, which
-/// discards the RST still pending in the closed connection. See the report of this change.
+/// so the host sees `PeerReset` with the phone's text ("unexpected sequence number ..."), even
+/// though `Phone` reads events (and releases the connection with `Session::reset`) before it
+/// calls `poll_transmit`: `reset` sends an RST the connection had decided on but not yet sent.
 #[test]
-#[ignore = "simulator/engine issue: the phone's RST reason is discarded by Session::reset"]
 fn phone_rst_reason_reaches_host() {
     let w = run(Setup::one(Rule::at_packet(
         3,
@@ -1711,11 +1698,10 @@ fn phone_rst_reason_reaches_host() {
         .reset(ECHO, ResetKind::PeerReset, "unexpected sequence number");
 }
 
-/// The core-level reproduction of the issue above, without the simulator's `Phone`: a device
-/// session detects a bad seq, its application sees `Event::Reset` and releases the slot with
-/// `reset(id)` before calling `poll_transmit` — and the RST with the reason never goes out.
+/// The same at the core level, without the simulator's `Phone`: a device session detects a bad
+/// seq, its application sees `Event::Reset` and releases the slot with `reset(id)` before
+/// calling `poll_transmit` — and the RST with the reason still goes out.
 #[test]
-#[ignore = "engine issue: Session::reset on a just-closed connection discards its pending RST"]
 fn reset_before_transmit_keeps_the_rst() {
     use usbmux_core::wire::{HeaderKind, Summary};
     use usbmux_core::Device;
