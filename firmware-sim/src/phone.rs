@@ -9,6 +9,9 @@ use usbmux_core::{Buffers, ConnId, Device, Event, Instant, Session, SessionConfi
 use crate::identity::Identity;
 use crate::service::{Progress, Service};
 
+/// How many events a phone keeps for [`Phone::take_events`].
+pub const EVENT_LOG: usize = 1024;
+
 /// Most connections one simulated phone holds at once.
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -55,7 +58,8 @@ pub struct Phone {
     session: Box<DeviceSession>,
     services: HashMap<ConnId, Service>,
     cfg: PhoneConfig,
-    events: Vec<Event>,
+    events: std::collections::VecDeque<Event>,
+    events_dropped: u64,
 }
 
 impl Phone {
@@ -65,7 +69,8 @@ impl Phone {
             session: Box::new(DeviceSession::new(cfg.session)),
             services: HashMap::new(),
             cfg,
-            events: Vec::new(),
+            events: std::collections::VecDeque::new(),
+            events_dropped: 0,
         }
     }
 
@@ -110,8 +115,16 @@ impl Phone {
     }
 
     /// Events the phone saw (handshakes, connections, resets), oldest first, drained.
+    ///
+    /// Only the newest [`EVENT_LOG`] are kept, so a phone nobody asks (a long-running in-process
+    /// simulation) does not grow without bound; [`Phone::events_dropped`] counts the rest.
     pub fn take_events(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
+        std::mem::take(&mut self.events).into()
+    }
+
+    /// Events dropped from the log because nobody took them in time.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped
     }
 
     /// Handles events and runs every service once; true if anything happened.
@@ -143,7 +156,11 @@ impl Phone {
                 Event::PeerRestarted => self.services.clear(),
                 _ => {}
             }
-            self.events.push(ev);
+            if self.events.len() >= EVENT_LOG {
+                self.events.pop_front();
+                self.events_dropped += 1;
+            }
+            self.events.push_back(ev);
         }
         let mut violations = Vec::new();
         for (id, svc) in self.services.iter_mut() {
