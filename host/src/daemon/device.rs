@@ -1,0 +1,656 @@
+//! The device thread: one per attached phone. It owns the phone's `Session<Host>` (no lock
+//! around the engine), its [`Link`] and every client socket connected to that phone, and moves
+//! bytes between them in one `mio` loop:
+//!
+//! link IN transfers → `handle_transfer` → timers → `poll_transmit` → link OUT;
+//! client socket → `Session::send_buffer` (read straight into the connection's ring, only as far
+//! as the phone's window and the ring allow — backpressure end to end); `Session::peek` → client
+//! socket → `consume` (the window reopens only as the client reads).
+//!
+//! The control thread hands over a client socket with [`DeviceCmd::Connect`] once the client's
+//! Connect request named this phone; from then on every byte of that socket is data.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{debug, info, warn};
+use mio::{Events, Interest, Poll, Token, Waker};
+use usbmux_core::mux::{ConnectError, RecvError};
+use usbmux_core::{Buffers, ConnId, Event, Host, Instant, Session, SessionConfig};
+
+use super::stream::ClientStream;
+use crate::link::{DeviceIdentity, Link};
+
+/// Connections one phone can carry at once (usbmuxd allows 65 535 source ports per device; a
+/// slot costs a few hundred bytes, buffers are allocated per connection).
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Receive buffer per connection: the window the phone sees (usbmuxd's CONN_INBUF_SIZE).
+pub const CONN_RX: usize = 256 * 1024;
+/// Send buffer per connection (client bytes waiting for the phone's window).
+pub const CONN_TX: usize = 128 * 1024;
+
+type Buf = Box<[u8]>;
+type HostSession = Session<Host, Buf, MAX_CONNECTIONS>;
+
+const WAKE: Token = Token(usize::MAX);
+
+/// Orders from the control thread.
+pub enum DeviceCmd {
+    /// Connect `stream` to the phone's `port`; write `ok` to the client when the phone accepts
+    /// (then relay bytes), or `refused` and close when it does not.
+    Connect {
+        /// The client socket (already deregistered from the control thread's poll).
+        stream: ClientStream,
+        /// Device port, host order.
+        port: u16,
+        /// The Result OK message, in the client's protocol.
+        ok: Vec<u8>,
+        /// The Result CONNREFUSED message, in the client's protocol.
+        refused: Vec<u8>,
+    },
+    /// Reset every connection (RSTs go out) and end the thread.
+    Stop,
+}
+
+/// What a device thread tells the control thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceNote {
+    /// The usbmux handshake completed: the phone can be announced (Attached).
+    Ready {
+        /// The daemon's DeviceID of this phone.
+        device_id: u32,
+    },
+    /// The phone is gone (unplug, link error, failed handshake, stop); announce Detached if it
+    /// had been announced.
+    Gone {
+        /// The daemon's DeviceID of this phone.
+        device_id: u32,
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// The control thread's handle on a running device thread.
+pub struct DeviceThread {
+    /// The DeviceID clients use.
+    pub device_id: u32,
+    /// Who the phone is.
+    pub identity: DeviceIdentity,
+    tx: Sender<DeviceCmd>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DeviceThread {
+    /// Starts a device thread for `link`. `notify` is called from that thread.
+    pub fn spawn(
+        device_id: u32,
+        link: Box<dyn Link>,
+        cfg: SessionConfig,
+        first_port: u16,
+        notify: Box<dyn Fn(DeviceNote) + Send>,
+    ) -> io::Result<DeviceThread> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let (tx, rx) = mpsc::channel();
+        let identity = link.identity().clone();
+        let w = waker.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("device-{device_id}"))
+            .spawn(move || {
+                let mut d = Device::new(device_id, link, poll, w, rx, cfg, first_port, notify);
+                let reason = d.run();
+                (d.notify)(DeviceNote::Gone { device_id, reason });
+            })?;
+        Ok(DeviceThread {
+            device_id,
+            identity,
+            tx,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends an order; false if the thread has already ended.
+    pub fn send(&self, cmd: DeviceCmd) -> bool {
+        let ok = self.tx.send(cmd).is_ok();
+        let _ = self.waker.wake();
+        ok
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.send(DeviceCmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DeviceThread {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.tx.send(DeviceCmd::Stop);
+            let _ = self.waker.wake();
+            let _ = t.join();
+        }
+    }
+}
+
+/// The monotonic clock at the boundary: `std::time::Instant` → the engine's microseconds.
+struct Clock(std::time::Instant);
+
+impl Clock {
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.0.elapsed().as_micros() as u64)
+    }
+
+    fn until(&self, t: Instant) -> std::time::Duration {
+        std::time::Duration::from_micros(t.total_micros().saturating_sub(self.now().total_micros()))
+    }
+}
+
+/// A client socket relayed to one phone connection.
+struct Conn {
+    id: ConnId,
+    stream: Option<ClientStream>,
+    port: u16,
+    /// Bytes to write before any phone data (the Result OK message).
+    prefix: Vec<u8>,
+    refused: Vec<u8>,
+    connected: bool,
+    /// The client closed its sending side: deliver what it wrote, then reset the phone side.
+    client_eof: bool,
+    /// The phone ended the connection: flush what it sent, then close the client.
+    phone_ended: bool,
+    /// Edge-triggered readiness, cleared on WouldBlock.
+    readable: bool,
+    writable: bool,
+}
+
+struct Device {
+    device_id: u32,
+    link: Box<dyn Link>,
+    poll: Poll,
+    waker: Arc<Waker>,
+    rx: Receiver<DeviceCmd>,
+    session: Box<HostSession>,
+    notify: Box<dyn Fn(DeviceNote) + Send>,
+    clock: Clock,
+    conns: Vec<Option<Conn>>,
+    by_id: HashMap<ConnId, usize>,
+    spare: Vec<Buffers<Buf>>,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    ready: bool,
+}
+
+/// Recycled connection buffers kept per device (a burst of short connections reuses them).
+const SPARE_BUFFERS: usize = 16;
+
+impl Device {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        device_id: u32,
+        link: Box<dyn Link>,
+        poll: Poll,
+        waker: Arc<Waker>,
+        rx: Receiver<DeviceCmd>,
+        mut cfg: SessionConfig,
+        first_port: u16,
+        notify: Box<dyn Fn(DeviceNote) + Send>,
+    ) -> Self {
+        cfg.usb_packet_size = link.identity().max_packet_size;
+        Device {
+            device_id,
+            link,
+            poll,
+            waker,
+            rx,
+            session: Box::new(HostSession::new(cfg, first_port)),
+            notify,
+            clock: Clock(std::time::Instant::now()),
+            conns: Vec::new(),
+            by_id: HashMap::new(),
+            spare: Vec::new(),
+            inbuf: vec![0; 256 * 1024],
+            outbuf: vec![0; 65536],
+            ready: false,
+        }
+    }
+
+    /// The loop; returns why it ended.
+    fn run(&mut self) -> String {
+        if let Err(e) = self.link.start(self.waker.clone()) {
+            return format!("link did not start: {e}");
+        }
+        let mut events = Events::with_capacity(256);
+        loop {
+            if let Err(reason) = self.pump() {
+                self.session.handle_disconnect();
+                self.drain_events();
+                self.close_all_clients();
+                return reason;
+            }
+            let timeout = [self.session.poll_timeout(), self.link.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| self.clock.until(t));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return format!("poll: {e}");
+                }
+            }
+            for ev in events.iter() {
+                if ev.token() == WAKE {
+                    continue;
+                }
+                if let Some(Some(c)) = self.conns.get_mut(ev.token().0) {
+                    c.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                    c.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                }
+            }
+            match self.commands() {
+                Ok(()) => {}
+                Err(()) => {
+                    self.shutdown();
+                    return "stopped".into();
+                }
+            }
+        }
+    }
+
+    /// Takes orders; `Err` on Stop (or when the control thread is gone).
+    fn commands(&mut self) -> Result<(), ()> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(DeviceCmd::Connect {
+                    stream,
+                    port,
+                    ok,
+                    refused,
+                }) => self.connect(stream, port, ok, refused),
+                Ok(DeviceCmd::Stop) | Err(TryRecvError::Disconnected) => return Err(()),
+                Err(TryRecvError::Empty) => return Ok(()),
+            }
+        }
+    }
+
+    fn buffers(&mut self) -> Buffers<Buf> {
+        self.spare.pop().unwrap_or_else(|| {
+            Buffers::new(
+                vec![0; CONN_RX].into_boxed_slice(),
+                vec![0; CONN_TX].into_boxed_slice(),
+            )
+        })
+    }
+
+    fn recycle(&mut self, b: Buffers<Buf>) {
+        if self.spare.len() < SPARE_BUFFERS {
+            self.spare.push(b);
+        }
+    }
+
+    fn connect(&mut self, mut stream: ClientStream, port: u16, ok: Vec<u8>, refused: Vec<u8>) {
+        let bufs = self.buffers();
+        match self.session.connect(port, bufs) {
+            Ok(id) => {
+                let slot = self
+                    .conns
+                    .iter()
+                    .position(Option::is_none)
+                    .unwrap_or_else(|| {
+                        self.conns.push(None);
+                        self.conns.len() - 1
+                    });
+                if let Err(e) = self.poll.registry().register(
+                    &mut stream,
+                    Token(slot),
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    warn!(
+                        "device {}: cannot watch a client socket: {e}",
+                        self.device_id
+                    );
+                    if let Ok(b) = self.session.reset(id, "client socket failed") {
+                        self.recycle(b);
+                    }
+                    return;
+                }
+                debug!(
+                    "device {}: connecting to port {port} ({id})",
+                    self.device_id
+                );
+                self.conns[slot] = Some(Conn {
+                    id,
+                    stream: Some(stream),
+                    port,
+                    prefix: ok,
+                    refused,
+                    connected: false,
+                    client_eof: false,
+                    phone_ended: false,
+                    readable: false,
+                    writable: true,
+                });
+                self.by_id.insert(id, slot);
+            }
+            Err((e, bufs)) => {
+                self.recycle(bufs);
+                warn!(
+                    "device {}: connect to port {port} failed: {e}",
+                    self.device_id
+                );
+                let _ = stream.write_all_bounded(&refused, std::time::Duration::from_secs(1));
+                let _ = matches!(e, ConnectError::PoolFull);
+            }
+        }
+    }
+
+    /// Runs the engine until nothing moves: link input, client input, timers, transmits,
+    /// events, client output. `Err` when the link failed.
+    fn pump(&mut self) -> Result<(), String> {
+        for _ in 0..1024 {
+            let mut moved = false;
+            let now = self.clock.now();
+            loop {
+                match self.link.recv(now, &mut self.inbuf) {
+                    Ok(Some(n)) => {
+                        moved = true;
+                        self.session.handle_transfer(now, &self.inbuf[..n]);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(format!("link: {e}")),
+                }
+            }
+            self.link.handle_timeout(now);
+            self.session.handle_timeout(now);
+            moved |= self.client_input();
+            loop {
+                match self.session.poll_transmit(now, &mut self.outbuf) {
+                    Ok(Some(t)) => {
+                        moved = true;
+                        if let Err(e) = self.link.send(now, &self.outbuf[..t.len], t.zlp) {
+                            return Err(format!("link: {e}"));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        // Cannot happen with a buffer of max_transfer bytes; do not spin.
+                        return Err(format!(
+                            "engine: transmit buffer too small ({} bytes)",
+                            e.required
+                        ));
+                    }
+                }
+            }
+            moved |= self.drain_events();
+            moved |= self.client_output();
+            if self.session.phase() == usbmux_core::mux::Phase::Dead {
+                return Err("usbmux handshake failed".into());
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles engine events; true if there were any.
+    fn drain_events(&mut self) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.session.poll_event() {
+            any = true;
+            match ev {
+                Event::HandshakeDone { version } => {
+                    info!("device {}: usbmux version {version}", self.device_id);
+                    if !self.ready {
+                        self.ready = true;
+                        (self.notify)(DeviceNote::Ready {
+                            device_id: self.device_id,
+                        });
+                    }
+                }
+                Event::HandshakeFailed => {
+                    warn!("device {}: usbmux handshake failed", self.device_id)
+                }
+                Event::DeviceMessage(m) => {
+                    warn!(
+                        "device {}: device says ({:?}): {}",
+                        self.device_id,
+                        m.kind,
+                        String::from_utf8_lossy(m.text())
+                    )
+                }
+                Event::Connected(id) => {
+                    if let Some(c) = self.conn_mut(id) {
+                        c.connected = true;
+                        c.readable = true;
+                        c.writable = true;
+                    }
+                }
+                Event::Refused { id, reason } => {
+                    info!("device {}: connection refused: {reason}", self.device_id);
+                    if let Some(slot) = self.by_id.remove(&id) {
+                        if let Some(mut c) = self.conns[slot].take() {
+                            if let Some(mut s) = c.stream.take() {
+                                let _ = self.poll.registry().deregister(&mut s);
+                                let _ = s.write_all_bounded(
+                                    &c.refused,
+                                    std::time::Duration::from_secs(1),
+                                );
+                            }
+                        }
+                    }
+                    if let Ok(b) = self.session.reset(id, "") {
+                        self.recycle(b);
+                    }
+                }
+                Event::Reset { id, reason } => {
+                    let port = self.conn_mut(id).map(|c| c.port).unwrap_or(0);
+                    info!(
+                        "device {}: connection to port {port} ended: {reason}",
+                        self.device_id
+                    );
+                    if let Some(c) = self.conn_mut(id) {
+                        c.phone_ended = true;
+                        c.writable = true;
+                    }
+                }
+                Event::Readable(id) => {
+                    if let Some(c) = self.conn_mut(id) {
+                        c.writable = true;
+                    }
+                }
+                Event::Writable(id) => {
+                    if let Some(c) = self.conn_mut(id) {
+                        c.readable = true;
+                    }
+                }
+                Event::Incoming { .. } | Event::PeerRestarted => {}
+            }
+        }
+        any
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        let slot = *self.by_id.get(&id)?;
+        self.conns.get_mut(slot)?.as_mut()
+    }
+
+    /// Client → phone: reads each readable client straight into its connection's send ring.
+    fn client_input(&mut self) -> bool {
+        let mut moved = false;
+        for slot in 0..self.conns.len() {
+            let Some(c) = self.conns[slot].as_mut() else {
+                continue;
+            };
+            if !c.connected || !c.readable || c.client_eof || c.phone_ended {
+                continue;
+            }
+            let id = c.id;
+            let Some(stream) = c.stream.as_mut() else {
+                continue;
+            };
+            while let Ok(buf) = self.session.send_buffer(id) {
+                if buf.is_empty() {
+                    // The phone's window is full: stop reading (backpressure); the engine's
+                    // Writable event resumes.
+                    break;
+                }
+                match stream.read(buf) {
+                    Ok(0) => {
+                        c.client_eof = true;
+                        moved = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        let _ = self.session.commit(id, n);
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        c.readable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        c.client_eof = true;
+                        moved = true;
+                        break;
+                    }
+                }
+            }
+        }
+        moved
+    }
+
+    /// Phone → client, and the end of connections.
+    fn client_output(&mut self) -> bool {
+        let mut moved = false;
+        for slot in 0..self.conns.len() {
+            let Some(c) = self.conns[slot].as_mut() else {
+                continue;
+            };
+            if !c.connected {
+                continue;
+            }
+            let id = c.id;
+            let mut client_gone = false;
+            if c.writable {
+                let Some(stream) = c.stream.as_mut() else {
+                    continue;
+                };
+                // The Result message first, then the phone's bytes.
+                while !c.prefix.is_empty() {
+                    match stream.write(&c.prefix) {
+                        Ok(n) => {
+                            c.prefix.drain(..n);
+                            moved = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            c.writable = false;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            client_gone = true;
+                            break;
+                        }
+                    }
+                }
+                while c.writable && c.prefix.is_empty() && !client_gone {
+                    let data = match self.session.peek(id) {
+                        Ok(d) if !d.is_empty() => d,
+                        _ => break,
+                    };
+                    match stream.write(data) {
+                        Ok(n) => {
+                            let _ = self.session.consume(id, n);
+                            moved = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => client_gone = true,
+                    }
+                }
+            }
+            // Ends: the phone ended and everything it sent is with the client; or the client
+            // went away; or the client closed and everything it wrote reached the phone.
+            let flushed_to_client =
+                c.prefix.is_empty() && matches!(self.session.peek(id), Err(RecvError::Finished));
+            let delivered_to_phone = self
+                .session
+                .connection(id)
+                .is_none_or(|k| k.send_queue() == 0);
+            if (c.phone_ended && flushed_to_client)
+                || client_gone
+                || (c.client_eof && delivered_to_phone)
+            {
+                let phone_ended = c.phone_ended;
+                let reason = if client_gone {
+                    "client went away"
+                } else {
+                    "client closed the connection"
+                };
+                self.finish(slot, phone_ended, reason);
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    /// Releases a connection: an RST to the phone if it is still open there, and the client
+    /// socket closed (reset on TCP if the phone reset it).
+    fn finish(&mut self, slot: usize, phone_ended: bool, reason: &str) {
+        let Some(mut c) = self.conns[slot].take() else {
+            return;
+        };
+        self.by_id.remove(&c.id);
+        if let Ok(b) = self.session.reset(c.id, reason) {
+            self.recycle(b);
+        }
+        if let Some(mut s) = c.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+            if phone_ended {
+                s.abort();
+            }
+        }
+        debug!(
+            "device {}: connection to port {} released",
+            self.device_id, c.port
+        );
+    }
+
+    fn close_all_clients(&mut self) {
+        for slot in 0..self.conns.len() {
+            if let Some(mut c) = self.conns[slot].take() {
+                if let Some(mut s) = c.stream.take() {
+                    let _ = self.poll.registry().deregister(&mut s);
+                    if !c.connected {
+                        let _ =
+                            s.write_all_bounded(&c.refused, std::time::Duration::from_millis(100));
+                    }
+                    s.abort();
+                }
+            }
+        }
+        self.by_id.clear();
+    }
+
+    /// Daemon shutdown: every connection is reset (RSTs go out), then the link gets a moment.
+    fn shutdown(&mut self) {
+        let ids: Vec<ConnId> = self.session.connection_ids().collect();
+        for id in ids {
+            if let Ok(b) = self.session.reset(id, "usbmuxd shutting down") {
+                self.recycle(b);
+            }
+        }
+        let _ = self.pump();
+        self.close_all_clients();
+    }
+}

@@ -1,0 +1,88 @@
+//! [`Link`]: one phone's pair of bulk pipes as the daemon's device thread sees it.
+//!
+//! USB (rusb), the in-process simulated phone (`usbmuxd --simulate`) and a phone served by
+//! `usbmux-sim serve` over a Unix socket are three implementations of this one trait, so the
+//! device thread — the owner of the phone's `usbmux_core::Session` — is the same code for all.
+//!
+//! The contract follows the engine's: the device thread calls [`Link::send`] for every packet
+//! `Session::poll_transmit` produced (one mux packet = one OUT transfer, then a ZLP when
+//! `Transmit::zlp` says so — the link must keep that framing), and [`Link::recv`] until it returns
+//! `Ok(None)` whenever it was woken. Links that receive on a thread of their own wake the device
+//! thread through the [`mio::Waker`] handed to [`Link::start`]; links that are polled in place (the
+//! in-process simulator) have timers of their own, reported by [`Link::poll_timeout`].
+
+use std::sync::Arc;
+
+use usbmux_core::Instant;
+
+/// What a phone says about itself before any usbmux traffic: USB descriptors, or the simulator's
+/// IDENTITY message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    /// The UDID as clients see it (new-style UDIDs with the hyphen after 8 characters).
+    pub udid: String,
+    /// The iSerialNumber string as read from USB (new-style UDIDs without the hyphen).
+    pub usb_serial: String,
+    /// USB product id.
+    pub product_id: u16,
+    /// Location id reported to clients.
+    pub location_id: u32,
+    /// Link speed in bit/s (ConnectionSpeed).
+    pub speed: u64,
+    /// wMaxPacketSize of the bulk OUT endpoint (the ZLP rule).
+    pub max_packet_size: u16,
+}
+
+/// Why a link stopped working. Any error ends the device: its connections are torn down without
+/// RSTs (there is no one to send them to) and listeners hear Detached.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The phone was unplugged or the peer closed the link.
+    #[error("device disconnected")]
+    Disconnected,
+    /// An I/O error on the transport (with what it was doing).
+    #[error("{what}: {source}")]
+    Io {
+        /// The operation that failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A USB error from libusb.
+    #[error("USB: {0}")]
+    Usb(String),
+    /// The transport broke its own framing (e.g. a truncated datagram).
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// One phone's bulk pipes. See the module docs for the calling contract.
+pub trait Link: Send {
+    /// Who the phone is.
+    fn identity(&self) -> &DeviceIdentity;
+
+    /// Begins delivering IN data; `waker` must be woken whenever [`Link::recv`] may have
+    /// something new (or the link failed). Called once, on the device thread, before any other
+    /// call but `identity`.
+    fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError>;
+
+    /// Sends one OUT transfer (one whole mux packet), then a zero-length transfer if `zlp`.
+    /// May queue, must keep order, should not block for long.
+    fn send(&mut self, now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError>;
+
+    /// The next IN transfer (any size; it may hold part of a mux packet or several), without
+    /// blocking: `Ok(None)` when there is nothing now.
+    fn recv(&mut self, now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError>;
+
+    /// When [`Link::handle_timeout`] is due (links with timers of their own, such as the
+    /// in-process simulator).
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Fires the link's own timers.
+    fn handle_timeout(&mut self, now: Instant) {
+        let _ = now;
+    }
+}
