@@ -4,4 +4,7 @@
 
 pub mod daemon;
 pub mod link;
+pub mod pair;
+pub mod plist_msg;
 pub mod proto;
+pub mod usb;

@@ -1,6 +1,181 @@
-//! The `usbmuxd` daemon: a control thread for the client protocol and one device thread per
-//! phone (see `device`). Concurrency model and why: `host/README.md`.
+//! The `usbmuxd` daemon: a control thread for the client protocol (`control`) and one device
+//! thread per phone (`device`). Concurrency model and why: `host/README.md`.
 
+pub mod control;
 pub mod device;
 pub mod sim;
 pub mod stream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::info;
+use usbmux_sim::PhoneConfig;
+
+use self::control::{Control, ControlCmd, ListenSocket};
+use crate::link::Link;
+use crate::pair::PairRecordStore;
+
+/// Where clients find the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketSpec {
+    /// A Unix stream socket at this path, with this mode (usbmuxd's is 0666).
+    Unix {
+        /// The socket file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A TCP socket (`-S ADDR:PORT`).
+    Tcp(SocketAddr),
+}
+
+impl SocketSpec {
+    /// Parses `-S`'s argument: anything with a ':' is `ADDR:PORT` (IPv6 in brackets), else a path.
+    pub fn parse(arg: &str, unix_mode: u32) -> Result<SocketSpec, String> {
+        if arg.contains(':') {
+            arg.parse::<SocketAddr>().map(SocketSpec::Tcp).map_err(|e| format!("bad socket address {arg:?}: {e}"))
+        } else if arg.is_empty() {
+            Err("empty socket path".into())
+        } else {
+            Ok(SocketSpec::Unix { path: PathBuf::from(arg), mode: unix_mode })
+        }
+    }
+
+    /// What a client puts in `USBMUXD_SOCKET_ADDRESS` to reach this socket.
+    pub fn client_address(&self) -> String {
+        match self {
+            SocketSpec::Unix { path, .. } => format!("UNIX:{}", path.display()),
+            SocketSpec::Tcp(a) => a.to_string(),
+        }
+    }
+}
+
+/// Everything the daemon needs to start.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The client socket.
+    pub socket: SocketSpec,
+    /// Pair records and SystemConfiguration.plist.
+    pub config_dir: PathBuf,
+    /// In-process simulated phones to attach at start.
+    pub simulate: Vec<PhoneConfig>,
+    /// Engine settings for every device session.
+    pub session: usbmux_core::SessionConfig,
+}
+
+/// A running daemon (the control thread and its devices).
+pub struct RunningDaemon {
+    cmds: Sender<ControlCmd>,
+    waker: Arc<mio::Waker>,
+    thread: Option<JoinHandle<()>>,
+    socket: SocketSpec,
+}
+
+impl RunningDaemon {
+    /// The socket it listens on (with the real port if `-S` asked for port 0).
+    pub fn socket(&self) -> &SocketSpec {
+        &self.socket
+    }
+
+    /// Attaches a phone.
+    pub fn attach(&self, link: Box<dyn Link>) {
+        let _ = self.cmds.send(ControlCmd::Attach(link));
+        let _ = self.waker.wake();
+    }
+
+    /// Stops every device (resetting their connections) and the control thread, and waits.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    /// Waits until the daemon stops (it never does on its own; for the binary).
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// A handle that can stop the daemon from another thread (a signal handler's thread).
+    pub fn stopper(&self) -> impl Fn() + Send + 'static {
+        let cmds = self.cmds.clone();
+        let waker = self.waker.clone();
+        move || {
+            let _ = cmds.send(ControlCmd::Stop);
+            let _ = waker.wake();
+        }
+    }
+
+    fn stop_inner(&mut self) {
+        let _ = self.cmds.send(ControlCmd::Stop);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let SocketSpec::Unix { path, .. } = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for RunningDaemon {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_inner();
+        }
+    }
+}
+
+/// Binds the socket (removing a stale socket file first), opens the pair-record store, starts
+/// the control thread and attaches the simulated phones.
+pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
+    let (listener, socket) = bind(&cfg.socket)?;
+    let pairs = PairRecordStore::open(&cfg.config_dir).map_err(|e| io::Error::other(format!("{}: {e}", cfg.config_dir.display())))?;
+    let (mut control, cmds, waker) = Control::new(listener, pairs, cfg.session)?;
+    let thread = std::thread::Builder::new().name("control".into()).spawn(move || control.run())?;
+    let d = RunningDaemon { cmds, waker, thread: Some(thread), socket };
+    for phone in cfg.simulate {
+        d.attach(Box::new(sim::SimLink::new(phone)));
+    }
+    info!("listening on {}", d.socket.client_address());
+    Ok(d)
+}
+
+fn bind(spec: &SocketSpec) -> io::Result<(ListenSocket, SocketSpec)> {
+    match spec {
+        SocketSpec::Unix { path, mode } => {
+            remove_stale_socket(path)?;
+            let l = mio::net::UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))?;
+            Ok((ListenSocket::Unix(l), spec.clone()))
+        }
+        SocketSpec::Tcp(addr) => {
+            let l = mio::net::TcpListener::bind(*addr)?;
+            let real = l.local_addr()?;
+            Ok((ListenSocket::Tcp(l), SocketSpec::Tcp(real)))
+        }
+    }
+}
+
+/// A socket file nobody answers on is left over from a crash: remove it. A live one means
+/// another daemon runs; anything that is not a socket is not ours to delete.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is in use by a running daemon", path.display())))
+            } else {
+                std::fs::remove_file(path)
+            }
+        }
+        Ok(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket", path.display()))),
+    }
+}

@@ -1,0 +1,222 @@
+//! `usbmuxd`: the usbmux daemon. Options follow libimobiledevice's usbmuxd, so service files
+//! and scripts keep working; `--simulate N` runs it with simulated phones and no root.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser};
+use log::{error, info, warn};
+use usbmux_host::daemon::{self, DaemonConfig, SocketSpec};
+use usbmux_sim::PhoneConfig;
+
+/// Default client socket of the system daemon (clients find it there without configuration).
+const SYSTEM_SOCKET: &str = "/var/run/usbmuxd";
+const SYSTEM_PIDFILE: &str = "/var/run/usbmuxd.pid";
+const SYSTEM_CONFIG_DIR: &str = "/var/lib/lockdown";
+
+/// Expose iPhone/iPad connections to clients over a socket (usbmux daemon).
+#[derive(Parser, Debug)]
+#[command(name = "usbmuxd", version, about, long_about = None)]
+struct Cli {
+    /// Do not daemonize (run in the foreground).
+    #[arg(short = 'f', long = "foreground")]
+    foreground: bool,
+    /// Be more verbose (repeat for more).
+    #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
+    verbose: u8,
+    /// Change to this user after startup (needs USB access; accepted, not yet applied).
+    #[arg(short = 'U', long = "user")]
+    user: Option<String>,
+    /// Do not use USB hotplug (accepted for compatibility).
+    #[arg(short = 'n', long = "disable-hotplug")]
+    disable_hotplug: bool,
+    /// Enable "--exit-on-no-devices"-style udev activation (accepted for compatibility).
+    #[arg(short = 'u', long = "udev")]
+    udev: bool,
+    /// Run in systemd activation mode (accepted for compatibility).
+    #[arg(short = 's', long = "systemd")]
+    systemd: bool,
+    /// Enable network device discovery (accepted; network devices are later work).
+    #[arg(short = 'z', long = "enable-exit")]
+    enable_exit: bool,
+    /// Do not pair (accepted; pairing is later work).
+    #[arg(short = 'p', long = "no-preflight")]
+    no_preflight: bool,
+    /// Listen on ADDR:PORT (IPv6 in brackets) or a Unix socket PATH instead of /var/run/usbmuxd.
+    #[arg(short = 'S', long = "socket", value_name = "ADDR:PORT|PATH")]
+    socket: Option<String>,
+    /// Pidfile (NONE for none); a second instance refuses to start while one runs.
+    #[arg(short = 'P', long = "pidfile", value_name = "PATH|NONE")]
+    pidfile: Option<String>,
+    /// Directory of pair records and SystemConfiguration.plist.
+    #[arg(short = 'C', long = "config-dir", value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+    /// Log to this file instead of standard error.
+    #[arg(short = 'l', long = "logfile", value_name = "FILE")]
+    logfile: Option<PathBuf>,
+    /// Attach N simulated phones; switches to user-local defaults (foreground, socket under
+    /// $XDG_RUNTIME_DIR, no pidfile, private config dir, no USB).
+    #[arg(long = "simulate", value_name = "N")]
+    simulate: Option<u32>,
+    /// Describe the simulated phones in a TOML file (see usbmux-sim's README).
+    #[arg(long = "sim-config", value_name = "FILE")]
+    sim_config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(level).format_timestamp_millis();
+    if let Some(path) = &cli.logfile {
+        match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => {
+                logger.target(env_logger::Target::Pipe(Box::new(f)));
+            }
+            Err(e) => {
+                eprintln!("usbmuxd: cannot open log file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    logger.init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("usbmuxd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where a user-local daemon keeps its socket and state: `$XDG_RUNTIME_DIR/usbmuxd-rs`, else a
+/// directory in the temp dir named after the user id.
+fn user_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|p| p.is_dir());
+    base.unwrap_or_else(|| std::env::temp_dir().join(format!("usbmuxd-rs-{}", nix_uid()))).join("usbmuxd-rs")
+}
+
+fn nix_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let simulated = cli.simulate.is_some() || cli.sim_config.is_some();
+    let mut phones: Vec<PhoneConfig> = match &cli.sim_config {
+        Some(path) => usbmux_sim::config::load(path).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    if let Some(n) = cli.simulate {
+        if u64::from(n) > usbmux_sim::config::MAX_PHONES {
+            return Err(format!("--simulate {n}: at most {} phones", usbmux_sim::config::MAX_PHONES));
+        }
+        // --simulate N with --sim-config: the file's phones first, defaults fill up to N.
+        while phones.len() < n as usize {
+            phones.push(PhoneConfig::simulated(phones.len() as u32 + 1));
+        }
+    }
+
+    let (socket, config_dir) = if simulated {
+        let dir = user_dir();
+        create_private_dir(&dir)?;
+        let socket = match &cli.socket {
+            Some(s) => SocketSpec::parse(s, 0o600)?,
+            None => SocketSpec::Unix { path: dir.join("usbmuxd"), mode: 0o600 },
+        };
+        (socket, cli.config_dir.clone().unwrap_or_else(|| dir.join("lockdown")))
+    } else {
+        let socket = match &cli.socket {
+            Some(s) => SocketSpec::parse(s, 0o666)?,
+            None => SocketSpec::Unix { path: SYSTEM_SOCKET.into(), mode: 0o666 },
+        };
+        (socket, cli.config_dir.clone().unwrap_or_else(|| SYSTEM_CONFIG_DIR.into()))
+    };
+    if !simulated && !cli.foreground {
+        warn!("daemonizing is not implemented yet: staying in the foreground");
+    }
+    let _pidfile = match (&cli.pidfile, simulated) {
+        (Some(p), _) if p == "NONE" => None,
+        (Some(p), _) => Some(pidfile::lock(p.as_ref())?),
+        (None, true) => None,
+        (None, false) => Some(pidfile::lock(SYSTEM_PIDFILE.as_ref())?),
+    };
+    let _ = (&cli.user, cli.disable_hotplug, cli.udev, cli.systemd, cli.enable_exit, cli.no_preflight);
+
+    let d = daemon::start(DaemonConfig {
+        socket,
+        config_dir,
+        simulate: phones.clone(),
+        session: usbmux_core::SessionConfig::default(),
+    })
+    .map_err(|e| e.to_string())?;
+    if simulated {
+        println!("usbmuxd (usbmux-rs) with {} simulated phone(s):", phones.len());
+        for p in &phones {
+            println!("  {}  \"{}\"", p.identity.udid, p.identity.device_name);
+        }
+        println!("Point clients at it with:");
+        println!("  export USBMUXD_SOCKET_ADDRESS={}", d.socket().client_address());
+        println!("then e.g. `idevice_id -l`, `ideviceinfo -s`, `iproxy 2222:7`. Stop with Ctrl-C.");
+    }
+    info!("running");
+    let stop = d.stopper();
+    signals::on_terminate(stop)?;
+    d.wait();
+    Ok(())
+}
+
+fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+mod pidfile {
+    //! A pidfile held with an exclusive lock for the daemon's life, so a second instance
+    //! refuses to start.
+    use std::fs::File;
+    use std::io::Write;
+    use std::path::Path;
+
+    /// Keeps the lock while alive.
+    pub struct Pidfile(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+    pub fn lock(path: &Path) -> Result<Pidfile, String> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(path)
+            .map_err(|e| format!("pidfile {}: {e}", path.display()))?;
+        let mut locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| format!("another usbmuxd is running (pidfile {} is locked)", path.display()))?;
+        locked.set_len(0).map_err(|e| e.to_string())?;
+        writeln!(&mut *locked, "{}", std::process::id()).map_err(|e| e.to_string())?;
+        Ok(Pidfile(locked))
+    }
+}
+
+mod signals {
+    //! SIGINT/SIGTERM end the daemon cleanly (connections are reset, the socket removed).
+    pub fn on_terminate(stop: impl Fn() + Send + 'static) -> Result<(), String> {
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+            .map_err(|e| format!("signals: {e}"))?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    stop();
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
