@@ -34,6 +34,9 @@ const MAX_PENDING_OUT: usize = 4 << 20;
 pub enum ControlCmd {
     /// A phone appeared: start its device thread.
     Attach(Box<dyn Link>),
+    /// Unplug the phone with this UDID (either form): its device thread stops, listeners hear
+    /// Detached. (Simulated phones; USB phones leave by themselves.)
+    Detach(String),
     /// Stop everything and return.
     Stop,
 }
@@ -164,6 +167,7 @@ impl Control {
         while let Ok(cmd) = self.cmds.try_recv() {
             match cmd {
                 ControlCmd::Attach(link) => self.attach(link),
+                ControlCmd::Detach(udid) => self.detach(&udid),
                 ControlCmd::Stop => return false,
             }
         }
@@ -198,6 +202,28 @@ impl Control {
             }
             Err(e) => warn!("device {}: cannot start its thread: {e}", id.udid),
         }
+    }
+
+    fn detach(&mut self, udid: &str) {
+        let want = udid.replace('-', "").to_ascii_uppercase();
+        let id = self
+            .devices
+            .iter()
+            .find(|(_, d)| d.info.udid.replace('-', "").to_ascii_uppercase() == want)
+            .map(|(id, _)| *id);
+        let Some(device_id) = id else {
+            warn!("detach: no device {udid}");
+            return;
+        };
+        if let Some(d) = self.devices.remove(&device_id) {
+            info!("device {device_id} ({}) unplugged", d.info.udid);
+            d.thread.stop();
+            if d.announced {
+                self.broadcast(|c| detached_message(c.plist, device_id));
+            }
+        }
+        // The thread's own Gone note finds no entry and is ignored.
+        self.device_notes();
     }
 
     fn device_notes(&mut self) {

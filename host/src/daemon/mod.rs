@@ -89,6 +89,12 @@ impl RunningDaemon {
         let _ = self.waker.wake();
     }
 
+    /// Unplugs the phone with this UDID (either form).
+    pub fn detach(&self, udid: &str) {
+        let _ = self.cmds.send(ControlCmd::Detach(udid.to_owned()));
+        let _ = self.waker.wake();
+    }
+
     /// Stops every device (resetting their connections) and the control thread, and waits.
     pub fn stop(mut self) {
         self.stop_inner();
