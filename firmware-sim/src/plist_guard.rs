@@ -370,17 +370,17 @@ mod tests {
         x.into_bytes()
     }
 
-    /// A binary plist from a list of objects (offsets and refs one byte wide).
+    /// A binary plist from a list of objects (offsets two bytes wide, refs one).
     fn bplist(objects: &[&[u8]], top: u8) -> Vec<u8> {
         let mut out = BINARY_MAGIC.to_vec();
         let mut offsets = Vec::new();
         for object in objects {
-            offsets.push(u8::try_from(out.len()).unwrap());
+            offsets.extend_from_slice(&u16::try_from(out.len()).unwrap().to_be_bytes());
             out.extend_from_slice(object);
         }
         let table = out.len() as u64;
         out.extend_from_slice(&offsets);
-        out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 1, 1]);
+        out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 2, 1]);
         out.extend_from_slice(&(objects.len() as u64).to_be_bytes());
         out.extend_from_slice(&u64::from(top).to_be_bytes());
         out.extend_from_slice(&table.to_be_bytes());
