@@ -388,6 +388,17 @@ impl SimLink {
         self.send_timeout = timeout;
     }
 
+    /// A second handle on the same link, so one thread can receive while another sends (the
+    /// socket is duplicated; each datagram goes to exactly one reader).
+    pub fn try_clone(&self) -> Result<SimLink, LinkError> {
+        Ok(SimLink {
+            fd: self.fd.try_clone()?,
+            buf: vec![0; self.buf.len()],
+            send_timeout: self.send_timeout,
+            unplugged: self.unplugged,
+        })
+    }
+
     /// Sends one bulk OUT transfer (an empty one is a ZLP). At most [`MAX_TRANSFER_LEN`] bytes.
     pub fn send_transfer(&mut self, transfer: &[u8]) -> Result<(), LinkError> {
         if transfer.len() > MAX_TRANSFER_LEN {

@@ -61,6 +61,10 @@ struct Cli {
     /// Describe the simulated phones in a TOML file (see usbmux-sim's README).
     #[arg(long = "sim-config", value_name = "FILE")]
     sim_config: Option<PathBuf>,
+    /// Attach the phone served by `usbmux-sim serve` at PATH (repeatable); reconnects while the
+    /// path is absent or after the phone was unplugged.
+    #[arg(long = "sim-socket", value_name = "PATH")]
+    sim_socket: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -108,7 +112,7 @@ fn nix_uid() -> u32 {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let simulated = cli.simulate.is_some() || cli.sim_config.is_some();
+    let simulated = cli.simulate.is_some() || cli.sim_config.is_some() || !cli.sim_socket.is_empty();
     let mut phones: Vec<PhoneConfig> = match &cli.sim_config {
         Some(path) => usbmux_sim::config::load(path).map_err(|e| e.to_string())?,
         None => Vec::new(),
@@ -153,11 +157,15 @@ fn run(cli: Cli) -> Result<(), String> {
         socket,
         config_dir,
         simulate: phones.clone(),
+        sim_sockets: cli.sim_socket.clone(),
         session: usbmux_core::SessionConfig::default(),
     })
     .map_err(|e| e.to_string())?;
     if simulated {
-        println!("usbmuxd (usbmux-rs) with {} simulated phone(s):", phones.len());
+        println!("usbmuxd (usbmux-rs) with {} simulated phone(s):", phones.len() + cli.sim_socket.len());
+        for p in &cli.sim_socket {
+            println!("  (served at {})", p.display());
+        }
         for p in &phones {
             println!("  {}  \"{}\"", p.identity.udid, p.identity.device_name);
         }

@@ -4,6 +4,7 @@
 pub mod control;
 pub mod device;
 pub mod sim;
+pub mod socket_link;
 pub mod stream;
 
 use std::io;
@@ -65,12 +66,15 @@ pub struct DaemonConfig {
     pub config_dir: PathBuf,
     /// In-process simulated phones to attach at start.
     pub simulate: Vec<PhoneConfig>,
+    /// Sockets of phones served by `usbmux-sim serve`, kept plugged in while they exist.
+    pub sim_sockets: Vec<PathBuf>,
     /// Engine settings for every device session.
     pub session: usbmux_core::SessionConfig,
 }
 
 /// A running daemon (the control thread and its devices).
 pub struct RunningDaemon {
+    watchers: Vec<socket_link::SocketWatcher>,
     cmds: Sender<ControlCmd>,
     waker: Arc<mio::Waker>,
     thread: Option<JoinHandle<()>>,
@@ -118,6 +122,8 @@ impl RunningDaemon {
     }
 
     fn stop_inner(&mut self) {
+        // No reconnecting while everything shuts down.
+        self.watchers.clear();
         let _ = self.cmds.send(ControlCmd::Stop);
         let _ = self.waker.wake();
         if let Some(t) = self.thread.take() {
@@ -144,9 +150,17 @@ pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
     let pairs = PairRecordStore::open(&cfg.config_dir).map_err(|e| io::Error::other(format!("{}: {e}", cfg.config_dir.display())))?;
     let (mut control, cmds, waker) = Control::new(listener, pairs, cfg.session)?;
     let thread = std::thread::Builder::new().name("control".into()).spawn(move || control.run())?;
-    let d = RunningDaemon { cmds, waker, thread: Some(thread), socket };
+    let mut d = RunningDaemon { watchers: Vec::new(), cmds, waker, thread: Some(thread), socket };
     for phone in cfg.simulate {
         d.attach(Box::new(sim::SimLink::new(phone)));
+    }
+    for path in cfg.sim_sockets {
+        let (cmds, waker) = (d.cmds.clone(), d.waker.clone());
+        let w = socket_link::SocketWatcher::spawn(path, move |link| {
+            let _ = cmds.send(ControlCmd::Attach(link));
+            let _ = waker.wake();
+        })?;
+        d.watchers.push(w);
     }
     info!("listening on {}", d.socket.client_address());
     Ok(d)

@@ -260,7 +260,7 @@ pub fn choose_interface(device: &DeviceDescriptorInfo) -> Result<UsbmuxInterface
     let kind = classify(device.vendor_id, device.product_id)?;
     let mut order: Vec<&ConfigInfo> = device.configurations.iter().collect();
     // Highest value first; a stable sort keeps descriptor order between equal (bogus) values.
-    order.sort_by(|a, b| b.value.cmp(&a.value));
+    order.sort_by_key(|c| core::cmp::Reverse(c.value));
     let mut first_problem = None;
     for config in order {
         for intf in &config.interfaces {
