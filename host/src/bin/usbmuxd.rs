@@ -78,7 +78,11 @@ fn main() -> ExitCode {
     let mut logger = env_logger::Builder::new();
     logger.filter_level(level).format_timestamp_millis();
     if let Some(path) = &cli.logfile {
-        match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             Ok(f) => {
                 logger.target(env_logger::Target::Pipe(Box::new(f)));
             }
@@ -102,24 +106,33 @@ fn main() -> ExitCode {
 /// Where a user-local daemon keeps its socket and state: `$XDG_RUNTIME_DIR/usbmuxd-rs`, else a
 /// directory in the temp dir named after the user id.
 fn user_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|p| p.is_dir());
-    base.unwrap_or_else(|| std::env::temp_dir().join(format!("usbmuxd-rs-{}", nix_uid()))).join("usbmuxd-rs")
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir());
+    base.unwrap_or_else(|| std::env::temp_dir().join(format!("usbmuxd-rs-{}", nix_uid())))
+        .join("usbmuxd-rs")
 }
 
 fn nix_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let simulated = cli.simulate.is_some() || cli.sim_config.is_some() || !cli.sim_socket.is_empty();
+    let simulated =
+        cli.simulate.is_some() || cli.sim_config.is_some() || !cli.sim_socket.is_empty();
     let mut phones: Vec<PhoneConfig> = match &cli.sim_config {
         Some(path) => usbmux_sim::config::load(path).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
     if let Some(n) = cli.simulate {
         if u64::from(n) > usbmux_sim::config::MAX_PHONES {
-            return Err(format!("--simulate {n}: at most {} phones", usbmux_sim::config::MAX_PHONES));
+            return Err(format!(
+                "--simulate {n}: at most {} phones",
+                usbmux_sim::config::MAX_PHONES
+            ));
         }
         // --simulate N with --sim-config: the file's phones first, defaults fill up to N.
         while phones.len() < n as usize {
@@ -132,15 +145,31 @@ fn run(cli: Cli) -> Result<(), String> {
         create_private_dir(&dir)?;
         let socket = match &cli.socket {
             Some(s) => SocketSpec::parse(s, 0o600)?,
-            None => SocketSpec::Unix { path: dir.join("usbmuxd"), mode: 0o600 },
+            None => SocketSpec::Unix {
+                path: dir.join("usbmuxd"),
+                mode: 0o600,
+            },
         };
-        (socket, cli.config_dir.clone().unwrap_or_else(|| dir.join("lockdown")))
+        (
+            socket,
+            cli.config_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("lockdown")),
+        )
     } else {
         let socket = match &cli.socket {
             Some(s) => SocketSpec::parse(s, 0o666)?,
-            None => SocketSpec::Unix { path: SYSTEM_SOCKET.into(), mode: 0o666 },
+            None => SocketSpec::Unix {
+                path: SYSTEM_SOCKET.into(),
+                mode: 0o666,
+            },
         };
-        (socket, cli.config_dir.clone().unwrap_or_else(|| SYSTEM_CONFIG_DIR.into()))
+        (
+            socket,
+            cli.config_dir
+                .clone()
+                .unwrap_or_else(|| SYSTEM_CONFIG_DIR.into()),
+        )
     };
     if !simulated && !cli.foreground {
         warn!("daemonizing is not implemented yet: staying in the foreground");
@@ -151,7 +180,14 @@ fn run(cli: Cli) -> Result<(), String> {
         (None, true) => None,
         (None, false) => Some(pidfile::lock(SYSTEM_PIDFILE.as_ref())?),
     };
-    let _ = (&cli.user, cli.disable_hotplug, cli.udev, cli.systemd, cli.enable_exit, cli.no_preflight);
+    let _ = (
+        &cli.user,
+        cli.disable_hotplug,
+        cli.udev,
+        cli.systemd,
+        cli.enable_exit,
+        cli.no_preflight,
+    );
 
     let d = daemon::start(DaemonConfig {
         socket,
@@ -162,7 +198,10 @@ fn run(cli: Cli) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     if simulated {
-        println!("usbmuxd (usbmux-rs) with {} simulated phone(s):", phones.len() + cli.sim_socket.len());
+        println!(
+            "usbmuxd (usbmux-rs) with {} simulated phone(s):",
+            phones.len() + cli.sim_socket.len()
+        );
         for p in &cli.sim_socket {
             println!("  (served at {})", p.display());
         }
@@ -170,7 +209,10 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("  {}  \"{}\"", p.identity.udid, p.identity.device_name);
         }
         println!("Point clients at it with:");
-        println!("  export USBMUXD_SOCKET_ADDRESS={}", d.socket().client_address());
+        println!(
+            "  export USBMUXD_SOCKET_ADDRESS={}",
+            d.socket().client_address()
+        );
         println!("then e.g. `idevice_id -l`, `ideviceinfo -s`, `iproxy 2222:7`. Stop with Ctrl-C.");
     }
     info!("running");
@@ -182,8 +224,13 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 mod pidfile {
@@ -205,7 +252,12 @@ mod pidfile {
             .open(path)
             .map_err(|e| format!("pidfile {}: {e}", path.display()))?;
         let mut locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|_| format!("another usbmuxd is running (pidfile {} is locked)", path.display()))?;
+            .map_err(|_| {
+                format!(
+                    "another usbmuxd is running (pidfile {} is locked)",
+                    path.display()
+                )
+            })?;
         locked.set_len(0).map_err(|e| e.to_string())?;
         writeln!(&mut *locked, "{}", std::process::id()).map_err(|e| e.to_string())?;
         Ok(Pidfile(locked))
@@ -215,8 +267,11 @@ mod pidfile {
 mod signals {
     //! SIGINT/SIGTERM end the daemon cleanly (connections are reset, the socket removed).
     pub fn on_terminate(stop: impl Fn() + Send + 'static) -> Result<(), String> {
-        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-            .map_err(|e| format!("signals: {e}"))?;
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .map_err(|e| format!("signals: {e}"))?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {

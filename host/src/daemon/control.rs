@@ -21,7 +21,10 @@ use super::stream::ClientStream;
 use crate::link::{DeviceIdentity, Link};
 use crate::pair::PairRecordStore;
 use crate::plist_msg::{ClientInfo, DeviceInfo, Listener, PlistRequest, Reply, Request};
-use crate::proto::{self, BinaryMessage, ConnectRequest, DeviceRecord, Header, MessageType, ProtocolVersion, ResultCode};
+use crate::proto::{
+    self, BinaryMessage, ConnectRequest, DeviceRecord, Header, MessageType, ProtocolVersion,
+    ResultCode,
+};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKE: Token = Token(usize::MAX - 2);
@@ -113,7 +116,8 @@ impl Control {
         session_cfg: usbmux_core::SessionConfig,
     ) -> io::Result<(Control, Sender<ControlCmd>, Arc<Waker>)> {
         let poll = Poll::new()?;
-        poll.registry().register(listener.source(), LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(listener.source(), LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let (tx, cmds) = mpsc::channel();
         let (notes_tx, notes) = mpsc::channel();
@@ -198,7 +202,14 @@ impl Control {
         match DeviceThread::spawn(device_id, link, self.session_cfg, first_port, notify) {
             Ok(thread) => {
                 info!("device {device_id} ({}) attached, handshaking", id.udid);
-                self.devices.insert(device_id, DeviceEntry { thread, info, announced: false });
+                self.devices.insert(
+                    device_id,
+                    DeviceEntry {
+                        thread,
+                        info,
+                        announced: false,
+                    },
+                );
             }
             Err(e) => warn!("device {}: cannot start its thread: {e}", id.udid),
         }
@@ -230,14 +241,18 @@ impl Control {
         while let Ok(note) = self.notes.try_recv() {
             match note {
                 DeviceNote::Ready { device_id } => {
-                    let Some(d) = self.devices.get_mut(&device_id) else { continue };
+                    let Some(d) = self.devices.get_mut(&device_id) else {
+                        continue;
+                    };
                     d.announced = true;
                     info!("device {device_id} ({}) ready", d.info.udid);
                     let info = d.info.clone();
                     self.broadcast(|c| attached_message(c.plist, &info));
                 }
                 DeviceNote::Gone { device_id, reason } => {
-                    let Some(d) = self.devices.remove(&device_id) else { continue };
+                    let Some(d) = self.devices.remove(&device_id) else {
+                        continue;
+                    };
                     info!("device {device_id} ({}) gone: {reason}", d.info.udid);
                     if d.announced {
                         self.broadcast(|c| detached_message(c.plist, device_id));
@@ -250,7 +265,9 @@ impl Control {
 
     fn broadcast(&mut self, msg: impl Fn(&Client) -> Option<Vec<u8>>) {
         for i in 0..self.clients.len() {
-            let Some(c) = self.clients[i].as_mut() else { continue };
+            let Some(c) = self.clients[i].as_mut() else {
+                continue;
+            };
             if !c.listening {
                 continue;
             }
@@ -265,11 +282,19 @@ impl Control {
         loop {
             match self.listener.accept() {
                 Ok(mut stream) => {
-                    let slot = self.clients.iter().position(Option::is_none).unwrap_or_else(|| {
-                        self.clients.push(None);
-                        self.clients.len() - 1
-                    });
-                    if let Err(e) = self.poll.registry().register(&mut stream, Token(slot), Interest::READABLE | Interest::WRITABLE) {
+                    let slot = self
+                        .clients
+                        .iter()
+                        .position(Option::is_none)
+                        .unwrap_or_else(|| {
+                            self.clients.push(None);
+                            self.clients.len() - 1
+                        });
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(slot),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
                         warn!("cannot watch a new client: {e}");
                         continue;
                     }
@@ -301,7 +326,9 @@ impl Control {
     /// Reads and handles whole messages from client `i`, then writes what it has pending.
     fn service_client(&mut self, i: usize) {
         loop {
-            let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else { return };
+            let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else {
+                return;
+            };
             if c.closing {
                 break;
             }
@@ -352,7 +379,9 @@ impl Control {
     }
 
     fn flush(&mut self, i: usize) {
-        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else { return };
+        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
         while !c.out.is_empty() {
             match c.stream.write(&c.out) {
                 Ok(0) => break,
@@ -368,7 +397,10 @@ impl Control {
             }
         }
         if c.out.len() > MAX_PENDING_OUT {
-            warn!("client {} does not read its notifications; closing", c.number);
+            warn!(
+                "client {} does not read its notifications; closing",
+                c.number
+            );
             self.drop_client(i);
         } else if c.closing && c.out.is_empty() {
             self.drop_client(i);
@@ -388,7 +420,9 @@ impl Control {
             return false;
         };
         let tag = header.tag;
-        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else { return false };
+        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else {
+            return false;
+        };
         if c.listening {
             // PROTOCOL.md decisions: after Listen, any further command → BADCOMMAND and close.
             warn!("client {}: command after Listen; closing", c.number);
@@ -475,7 +509,12 @@ impl Control {
             }
             Request::Connect { device_id, port } => self.connect(i, tag, device_id, port),
             Request::ListDevices => {
-                let list: Vec<DeviceInfo> = self.devices.values().filter(|d| d.announced).map(|d| d.info.clone()).collect();
+                let list: Vec<DeviceInfo> = self
+                    .devices
+                    .values()
+                    .filter(|d| d.announced)
+                    .map(|d| d.info.clone())
+                    .collect();
                 self.push(i, Reply::DeviceList(&list).encode(tag).ok());
                 true
             }
@@ -487,7 +526,13 @@ impl Control {
                     .filter(|c| c.listening)
                     .map(|c| (c.number, c.info.clone()))
                     .collect();
-                let listeners: Vec<Listener<'_>> = infos.iter().map(|(n, info)| Listener { number: *n, client: info }).collect();
+                let listeners: Vec<Listener<'_>> = infos
+                    .iter()
+                    .map(|(n, info)| Listener {
+                        number: *n,
+                        client: info,
+                    })
+                    .collect();
                 let bytes = Reply::ListenerList(&listeners).encode(tag).ok();
                 self.push(i, bytes);
                 true
@@ -518,11 +563,17 @@ impl Control {
                 }
                 true
             }
-            Request::SavePairRecord { id, data, device_id } => {
+            Request::SavePairRecord {
+                id,
+                data,
+                device_id,
+            } => {
                 match self.pairs.save(&id, &data) {
                     Ok(()) => {
                         self.reply_result(i, true, tag, 0);
-                        if let Some(dev) = device_id.filter(|d| self.devices.get(d).is_some_and(|e| e.announced)) {
+                        if let Some(dev) =
+                            device_id.filter(|d| self.devices.get(d).is_some_and(|e| e.announced))
+                        {
                             self.broadcast(|c| paired_message(c.plist, dev));
                         }
                     }
@@ -553,7 +604,9 @@ impl Control {
     }
 
     fn listen(&mut self, i: usize, tag: u32) {
-        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else { return };
+        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
         let plist = c.plist;
         c.listening = true;
         debug!("client {} listens", c.number);
@@ -567,7 +620,9 @@ impl Control {
     /// Connect: hands the client's socket to the device thread; false (the client left the
     /// control thread) on success.
     fn connect(&mut self, i: usize, tag: u32, device_id: u32, port: u16) -> bool {
-        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else { return false };
+        let Some(c) = self.clients.get_mut(i).and_then(Option::as_mut) else {
+            return false;
+        };
         let plist = c.plist;
         let Some(dev) = self.devices.get(&device_id).filter(|d| d.announced) else {
             debug!("client {}: Connect to unknown device {device_id}", c.number);
@@ -576,15 +631,30 @@ impl Control {
         };
         // Anything still queued for the client (earlier replies) goes first, synchronously: the
         // socket leaves this thread now.
-        let Some(mut c) = self.clients[i].take() else { return false };
+        let Some(mut c) = self.clients[i].take() else {
+            return false;
+        };
         let _ = self.poll.registry().deregister(&mut c.stream);
-        if !c.out.is_empty() && c.stream.write_all_bounded(&c.out, std::time::Duration::from_secs(1)).is_err() {
+        if !c.out.is_empty()
+            && c.stream
+                .write_all_bounded(&c.out, std::time::Duration::from_secs(1))
+                .is_err()
+        {
             return false;
         }
         let ok = result_message(plist, tag, ResultCode::Ok.into()).unwrap_or_default();
-        let refused = result_message(plist, tag, ResultCode::ConnectionRefused.into()).unwrap_or_default();
-        debug!("client {}: Connect to device {device_id} port {port}", c.number);
-        if !dev.thread.send(DeviceCmd::Connect { stream: c.stream, port, ok, refused }) {
+        let refused =
+            result_message(plist, tag, ResultCode::ConnectionRefused.into()).unwrap_or_default();
+        debug!(
+            "client {}: Connect to device {device_id} port {port}",
+            c.number
+        );
+        if !dev.thread.send(DeviceCmd::Connect {
+            stream: c.stream,
+            port,
+            ok,
+            refused,
+        }) {
             warn!("device {device_id} is going away; connection dropped");
         }
         false
@@ -643,7 +713,9 @@ fn random_port() -> u16 {
     let mut b = [0u8; 2];
     if getrandom::fill(&mut b).is_err() {
         // No OS randomness: fall back to the clock, still better than always 1.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos());
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos());
         return (t as u16).max(1);
     }
     u16::from_le_bytes(b).max(1)

@@ -40,11 +40,16 @@ impl SocketSpec {
     /// Parses `-S`'s argument: anything with a ':' is `ADDR:PORT` (IPv6 in brackets), else a path.
     pub fn parse(arg: &str, unix_mode: u32) -> Result<SocketSpec, String> {
         if arg.contains(':') {
-            arg.parse::<SocketAddr>().map(SocketSpec::Tcp).map_err(|e| format!("bad socket address {arg:?}: {e}"))
+            arg.parse::<SocketAddr>()
+                .map(SocketSpec::Tcp)
+                .map_err(|e| format!("bad socket address {arg:?}: {e}"))
         } else if arg.is_empty() {
             Err("empty socket path".into())
         } else {
-            Ok(SocketSpec::Unix { path: PathBuf::from(arg), mode: unix_mode })
+            Ok(SocketSpec::Unix {
+                path: PathBuf::from(arg),
+                mode: unix_mode,
+            })
         }
     }
 
@@ -147,10 +152,19 @@ impl Drop for RunningDaemon {
 /// the control thread and attaches the simulated phones.
 pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
     let (listener, socket) = bind(&cfg.socket)?;
-    let pairs = PairRecordStore::open(&cfg.config_dir).map_err(|e| io::Error::other(format!("{}: {e}", cfg.config_dir.display())))?;
+    let pairs = PairRecordStore::open(&cfg.config_dir)
+        .map_err(|e| io::Error::other(format!("{}: {e}", cfg.config_dir.display())))?;
     let (mut control, cmds, waker) = Control::new(listener, pairs, cfg.session)?;
-    let thread = std::thread::Builder::new().name("control".into()).spawn(move || control.run())?;
-    let mut d = RunningDaemon { watchers: Vec::new(), cmds, waker, thread: Some(thread), socket };
+    let thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control.run())?;
+    let mut d = RunningDaemon {
+        watchers: Vec::new(),
+        cmds,
+        waker,
+        thread: Some(thread),
+        socket,
+    };
     for phone in cfg.simulate {
         d.attach(Box::new(sim::SimLink::new(phone)));
     }
@@ -191,11 +205,17 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
         Err(e) => Err(e),
         Ok(m) if m.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is in use by a running daemon", path.display())))
+                Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running daemon", path.display()),
+                ))
             } else {
                 std::fs::remove_file(path)
             }
         }
-        Ok(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket", path.display()))),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
     }
 }

@@ -38,8 +38,11 @@ pub struct SocketLink {
 impl SocketLink {
     /// Connects to the phone at `path` (waiting at most `timeout` for its IDENTITY).
     pub fn connect(path: &std::path::Path, timeout: Duration) -> Result<SocketLink, LinkError> {
-        let (id, link) = SimLink::connect(path, timeout).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        let reader = link.try_clone().map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let (id, link) =
+            SimLink::connect(path, timeout).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let reader = link
+            .try_clone()
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
         let identity = DeviceIdentity {
             udid: id.udid.clone(),
             usb_serial: id.usb_serial(),
@@ -66,7 +69,9 @@ impl Link for SocketLink {
     }
 
     fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError> {
-        let Some(mut reader) = self.reader.take() else { return Ok(()) };
+        let Some(mut reader) = self.reader.take() else {
+            return Ok(());
+        };
         let (tx, rx) = mpsc::channel();
         let stop = self.stop.clone();
         let thread = std::thread::Builder::new()
@@ -92,16 +97,23 @@ impl Link for SocketLink {
                     }
                 }
             })
-            .map_err(|e| LinkError::Io { what: "spawn reader", source: e })?;
+            .map_err(|e| LinkError::Io {
+                what: "spawn reader",
+                source: e,
+            })?;
         self.rx = Some(rx);
         self.thread = Some(thread);
         Ok(())
     }
 
     fn send(&mut self, _now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {
-        self.tx.send_transfer(transfer).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        self.tx
+            .send_transfer(transfer)
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
         if zlp {
-            self.tx.send_zlp().map_err(|e| LinkError::Protocol(e.to_string()))?;
+            self.tx
+                .send_zlp()
+                .map_err(|e| LinkError::Protocol(e.to_string()))?;
         }
         Ok(())
     }
@@ -111,7 +123,10 @@ impl Link for SocketLink {
         match rx.try_recv() {
             Ok(Incoming::Transfer(t)) => {
                 if t.len() > buf.len() {
-                    return Err(LinkError::Protocol(format!("transfer of {} bytes", t.len())));
+                    return Err(LinkError::Protocol(format!(
+                        "transfer of {} bytes",
+                        t.len()
+                    )));
                 }
                 buf[..t.len()].copy_from_slice(&t);
                 Ok(Some(t.len()))
@@ -148,38 +163,50 @@ pub struct SocketWatcher {
 
 impl SocketWatcher {
     /// Watches `path`; `attach` plugs a link into the daemon.
-    pub fn spawn(path: PathBuf, attach: impl Fn(Box<dyn Link>) + Send + 'static) -> std::io::Result<SocketWatcher> {
+    pub fn spawn(
+        path: PathBuf,
+        attach: impl Fn(Box<dyn Link>) + Send + 'static,
+    ) -> std::io::Result<SocketWatcher> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new().name("sim-socket-watch".into()).spawn(move || {
-            let mut announced_missing = false;
-            while !s.load(Ordering::Relaxed) {
-                match SocketLink::connect(&path, Duration::from_secs(2)) {
-                    Ok(mut link) => {
-                        announced_missing = false;
-                        info!("sim socket {}: phone {} plugged in", path.display(), link.identity.udid);
-                        let (tx, rx) = mpsc::channel();
-                        link.ended = Some(tx);
-                        attach(Box::new(link));
-                        // Wait for the link to end (or for the daemon to stop).
-                        while !s.load(Ordering::Relaxed) {
-                            match rx.recv_timeout(Duration::from_millis(200)) {
-                                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                                Err(mpsc::RecvTimeoutError::Timeout) => {}
+        let thread = std::thread::Builder::new()
+            .name("sim-socket-watch".into())
+            .spawn(move || {
+                let mut announced_missing = false;
+                while !s.load(Ordering::Relaxed) {
+                    match SocketLink::connect(&path, Duration::from_secs(2)) {
+                        Ok(mut link) => {
+                            announced_missing = false;
+                            info!(
+                                "sim socket {}: phone {} plugged in",
+                                path.display(),
+                                link.identity.udid
+                            );
+                            let (tx, rx) = mpsc::channel();
+                            link.ended = Some(tx);
+                            attach(Box::new(link));
+                            // Wait for the link to end (or for the daemon to stop).
+                            while !s.load(Ordering::Relaxed) {
+                                match rx.recv_timeout(Duration::from_millis(200)) {
+                                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                                }
                             }
                         }
-                    }
-                    Err(e) => {
-                        if !announced_missing {
-                            warn!("sim socket {}: {e}; retrying", path.display());
-                            announced_missing = true;
+                        Err(e) => {
+                            if !announced_missing {
+                                warn!("sim socket {}: {e}; retrying", path.display());
+                                announced_missing = true;
+                            }
+                            std::thread::sleep(Duration::from_millis(250));
                         }
-                        std::thread::sleep(Duration::from_millis(250));
                     }
                 }
-            }
-        })?;
-        Ok(SocketWatcher { stop, thread: Some(thread) })
+            })?;
+        Ok(SocketWatcher {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 

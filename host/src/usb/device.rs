@@ -256,6 +256,11 @@ impl UsbLink {
             ep_in: choice.ep_in,
             ep_out: choice.ep_out,
         };
-        Ok(UsbLink::with_io(identity, choice.kind, Arc::new(pipe), config))
+        Ok(UsbLink::with_io(
+            identity,
+            choice.kind,
+            Arc::new(pipe),
+            config,
+        ))
     }
 }

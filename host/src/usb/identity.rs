@@ -92,7 +92,10 @@ pub fn serial_from_descriptor(text: &str) -> Result<String, SerialError> {
     if ascii.len() > MAX_SERIAL_LEN {
         return Err(SerialError::TooLong(ascii.len()));
     }
-    if !ascii.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if !ascii
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return Err(SerialError::Invalid(ascii.escape_debug().to_string()));
     }
     Ok(ascii)

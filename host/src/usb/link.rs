@@ -96,7 +96,11 @@ impl Default for PipeConfig {
 
 impl PipeConfig {
     fn normalized(mut self) -> Self {
-        self.in_buffer_size = self.in_buffer_size.max(1).div_ceil(1024).saturating_mul(1024);
+        self.in_buffer_size = self
+            .in_buffer_size
+            .max(1)
+            .div_ceil(1024)
+            .saturating_mul(1024);
         self.in_buffers = self.in_buffers.max(1);
         self.out_queue = self.out_queue.max(1);
         self.read_timeout = self.read_timeout.max(Duration::from_millis(1));

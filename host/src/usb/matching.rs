@@ -264,7 +264,8 @@ pub fn choose_interface(device: &DeviceDescriptorInfo) -> Result<UsbmuxInterface
     let mut first_problem = None;
     for config in order {
         for intf in &config.interfaces {
-            if intf.alt_setting != 0 || (intf.class, intf.subclass, intf.protocol) != USBMUX_INTERFACE
+            if intf.alt_setting != 0
+                || (intf.class, intf.subclass, intf.protocol) != USBMUX_INTERFACE
             {
                 continue;
             }
@@ -295,7 +296,9 @@ pub fn choose_interface(device: &DeviceDescriptorInfo) -> Result<UsbmuxInterface
 }
 
 /// The (IN, OUT) endpoints of a candidate interface, in either descriptor order.
-fn bulk_pair(endpoints: &[EndpointInfo]) -> Result<(&EndpointInfo, &EndpointInfo), EndpointProblem> {
+fn bulk_pair(
+    endpoints: &[EndpointInfo],
+) -> Result<(&EndpointInfo, &EndpointInfo), EndpointProblem> {
     let [a, b] = endpoints else {
         return Err(EndpointProblem::Count(endpoints.len()));
     };
@@ -396,7 +399,8 @@ impl DeviceDescriptorInfo {
                 .checked_add(total.max(head.len()))
                 .filter(|&end| end <= raw.len())
                 .ok_or(DescriptorError::Truncated { at })?;
-            info.configurations.push(ConfigInfo::parse_at(raw, at, end)?);
+            info.configurations
+                .push(ConfigInfo::parse_at(raw, at, end)?);
             at = end;
         }
         Ok(info)
@@ -591,8 +595,14 @@ mod tests {
                 vec![bulk(0x81, 512), bulk(0x02, 512), bulk(0x83, 512)],
                 EndpointProblem::Count(3),
             ),
-            (vec![bulk(0x81, 512), bulk(0x82, 512)], EndpointProblem::Directions),
-            (vec![bulk(0x01, 512), bulk(0x02, 512)], EndpointProblem::Directions),
+            (
+                vec![bulk(0x81, 512), bulk(0x82, 512)],
+                EndpointProblem::Directions,
+            ),
+            (
+                vec![bulk(0x01, 512), bulk(0x02, 512)],
+                EndpointProblem::Directions,
+            ),
             (
                 vec![
                     EndpointInfo {
@@ -631,7 +641,11 @@ mod tests {
             vec![
                 ConfigInfo {
                     value: 1,
-                    interfaces: vec![intf(0, USBMUX_INTERFACE, vec![bulk(0x02, 512), bulk(0x81, 512)])],
+                    interfaces: vec![intf(
+                        0,
+                        USBMUX_INTERFACE,
+                        vec![bulk(0x02, 512), bulk(0x81, 512)],
+                    )],
                 },
                 ConfigInfo {
                     value: 2,
@@ -679,7 +693,10 @@ mod tests {
         );
         // wTotalLength beyond the input.
         let cfg = [9, 2, 200, 0, 1, 1, 0, 0xc0, 0xfa];
-        assert_eq!(ConfigInfo::parse(&cfg), Err(DescriptorError::Truncated { at: 0 }));
+        assert_eq!(
+            ConfigInfo::parse(&cfg),
+            Err(DescriptorError::Truncated { at: 0 })
+        );
         // Every prefix of a valid configuration parses or fails cleanly.
         let good = parse_hex_dump(
             "09 02 20 00 01 01 00 c0 fa  09 04 00 00 02 ff fe 02 00  07 05 81 02 00 02 00  07 05 02 02 00 02 00",
@@ -693,7 +710,10 @@ mod tests {
 
     #[test]
     fn hex_dump_parsing() {
-        assert_eq!(parse_hex_dump("# c\n12 01 # x\n0xff\nabCD"), Ok(vec![0x12, 1, 0xff, 0xab, 0xcd]));
+        assert_eq!(
+            parse_hex_dump("# c\n12 01 # x\n0xff\nabCD"),
+            Ok(vec![0x12, 1, 0xff, 0xab, 0xcd])
+        );
         assert_eq!(parse_hex_dump("1"), Err("1".to_string()));
         assert_eq!(parse_hex_dump("zz"), Err("zz".to_string()));
     }

@@ -1,0 +1,342 @@
+//! The daemon end to end with a client written here (the binary and plist protocols through
+//! `usbmux_host::proto` / `plist_msg`): phones in-process and served over `usbmux-sim serve`'s
+//! socket, Listen notifications on plug and unplug, Connect to echo, hostile clients.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use usbmux_host::daemon::{self, DaemonConfig, RunningDaemon, SocketSpec};
+use usbmux_host::plist_msg::{PlistRequest, Request};
+use usbmux_host::proto::{
+    BinaryMessage, ConnectRequest, Header, MessageType, ProtocolVersion, ResultCode,
+};
+use usbmux_sim::socket::Server;
+use usbmux_sim::PhoneConfig;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("usbmux-host-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        Dir(d)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(dir: &Path, phones: Vec<PhoneConfig>, sockets: Vec<PathBuf>) -> RunningDaemon {
+    daemon::start(DaemonConfig {
+        socket: SocketSpec::Unix {
+            path: dir.join("usbmuxd"),
+            mode: 0o600,
+        },
+        config_dir: dir.join("lockdown"),
+        simulate: phones,
+        sim_sockets: sockets,
+        session: usbmux_core::SessionConfig::default(),
+    })
+    .expect("daemon")
+}
+
+fn client(dir: &Path) -> UnixStream {
+    let s = UnixStream::connect(dir.join("usbmuxd")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s
+}
+
+/// Reads one whole message.
+fn read_message(s: &mut UnixStream) -> (Header, Vec<u8>) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).expect("header");
+    let header = Header::parse(&h).expect("valid header");
+    let mut body = vec![0u8; header.length as usize - 16];
+    s.read_exact(&mut body).expect("body");
+    (header, body)
+}
+
+fn binary_listen(s: &mut UnixStream) {
+    s.write_all(&BinaryMessage::Listen.to_vec(1).expect("encode"))
+        .expect("listen");
+    let (h, body) = read_message(s);
+    assert_eq!(h.message, MessageType::Result);
+    assert_eq!(h.tag, 1);
+    assert_eq!(body, [0, 0, 0, 0]);
+}
+
+/// Waits for DEVICE_ADD records until `n` devices are known; returns (id, serial).
+fn devices_added(s: &mut UnixStream, n: usize) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let (h, body) = read_message(s);
+        assert_eq!(h.message, MessageType::DeviceAdd, "{h:?}");
+        assert_eq!(h.tag, 0);
+        assert_eq!(body.len(), 268);
+        let mut msg = h.to_bytes().expect("header").to_vec();
+        msg.extend_from_slice(&body);
+        let (_, m) = BinaryMessage::parse(&msg).expect("record");
+        let BinaryMessage::DeviceAdd(r) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(r.product_id, 0x12a8);
+        out.push((r.device_id, r.serial));
+    }
+    out
+}
+
+fn binary_connect(dir: &Path, device_id: u32, port: u16) -> Result<UnixStream, ResultCode> {
+    let mut s = client(dir);
+    let body = {
+        let mut b = [0u8; 8];
+        ConnectRequest { device_id, port }
+            .emit(&mut b)
+            .expect("emit");
+        b
+    };
+    let h =
+        Header::new(ProtocolVersion::Binary, MessageType::Connect, 7, body.len()).expect("header");
+    let mut msg = h.to_bytes().expect("bytes").to_vec();
+    msg.extend_from_slice(&body);
+    s.write_all(&msg).expect("connect");
+    let (h, body) = read_message(&mut s);
+    assert_eq!((h.message, h.tag), (MessageType::Result, 7));
+    let code = ResultCode::from(u32::from_le_bytes(body[..4].try_into().expect("4 bytes")));
+    if code == ResultCode::Ok {
+        Ok(s)
+    } else {
+        Err(code)
+    }
+}
+
+fn echo_roundtrip(s: &mut UnixStream, len: usize) {
+    let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let mut w = s.try_clone().expect("clone");
+    let d = data.clone();
+    let t = std::thread::spawn(move || w.write_all(&d).expect("write"));
+    let mut back = vec![0u8; len];
+    s.read_exact(&mut back).expect("echo");
+    t.join().expect("writer");
+    assert!(back == data);
+}
+
+#[test]
+fn binary_listen_connect_and_unplug_in_process() {
+    let dir = Dir::new("inproc");
+    let d = start(
+        &dir.0,
+        vec![PhoneConfig::simulated(1), PhoneConfig::simulated(2)],
+        vec![],
+    );
+    let mut l = client(&dir.0);
+    binary_listen(&mut l);
+    let mut devs = devices_added(&mut l, 2);
+    devs.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(devs[0].1, "00008030-0000000000000001");
+    assert_eq!(devs[1].1, "00008030-0000000000000002");
+    let mut c = binary_connect(&dir.0, devs[0].0, 7).expect("echo");
+    echo_roundtrip(&mut c, 1 << 20);
+    assert_eq!(
+        binary_connect(&dir.0, devs[0].0, 4242).err(),
+        Some(ResultCode::ConnectionRefused)
+    );
+    assert_eq!(
+        binary_connect(&dir.0, 999, 7).err(),
+        Some(ResultCode::BadDevice)
+    );
+    // Unplug: the listener hears DEVICE_REMOVE with the id, the open connection ends.
+    d.detach("00008030-0000000000000001");
+    let (h, body) = read_message(&mut l);
+    assert_eq!(h.message, MessageType::DeviceRemove);
+    assert_eq!(body, devs[0].0.to_le_bytes());
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    d.stop();
+}
+
+#[test]
+fn phones_over_the_sim_socket_replug_with_new_ids() {
+    let dir = Dir::new("socket");
+    let p1 = dir.0.join("phone1");
+    let server = Server::bind([(p1.clone(), PhoneConfig::simulated(5))])
+        .expect("bind")
+        .spawn()
+        .expect("serve");
+    let d = start(&dir.0, vec![], vec![p1.clone()]);
+    let mut l = client(&dir.0);
+    binary_listen(&mut l);
+    let devs = devices_added(&mut l, 1);
+    assert_eq!(devs[0].1, "00008030-0000000000000005");
+    let mut c = binary_connect(&dir.0, devs[0].0, 7).expect("echo");
+    echo_roundtrip(&mut c, 3 << 20);
+    // The server goes away (unplug), comes back: Detached, then Attached with a new id.
+    server.stop();
+    let (h, _) = read_message(&mut l);
+    assert_eq!(h.message, MessageType::DeviceRemove);
+    let server = Server::bind([(p1, PhoneConfig::simulated(5))])
+        .expect("bind")
+        .spawn()
+        .expect("serve");
+    let again = devices_added(&mut l, 1);
+    assert_eq!(again[0].1, devs[0].1);
+    assert_ne!(
+        again[0].0, devs[0].0,
+        "a replugged phone gets a new DeviceID"
+    );
+    let mut c = binary_connect(&dir.0, again[0].0, 7).expect("echo again");
+    echo_roundtrip(&mut c, 1000);
+    d.stop();
+    server.stop();
+}
+
+fn plist_message(tag: u32, xml: &str) -> Vec<u8> {
+    let h =
+        Header::new(ProtocolVersion::Plist, MessageType::Plist, tag, xml.len()).expect("header");
+    let mut m = h.to_bytes().expect("bytes").to_vec();
+    m.extend_from_slice(xml.as_bytes());
+    m
+}
+
+fn plist_body(s: &mut UnixStream) -> plist::Dictionary {
+    let (h, body) = read_message(s);
+    assert_eq!(h.message, MessageType::Plist);
+    plist::Value::from_reader_xml(&body[..])
+        .expect("xml")
+        .into_dictionary()
+        .expect("dict")
+}
+
+#[test]
+fn plist_requests_and_hostile_clients() {
+    let dir = Dir::new("plist");
+    let d = start(&dir.0, vec![PhoneConfig::simulated(1)], vec![]);
+    // Give the phone a moment to finish its handshake.
+    let mut list = Vec::new();
+    for _ in 0..100 {
+        let mut s = client(&dir.0);
+        s.write_all(&plist_message(3, &request_xml("ListDevices")))
+            .expect("send");
+        let reply = plist_body(&mut s);
+        list = reply
+            .get("DeviceList")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default();
+        if !list.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(list.len(), 1);
+    let props = list[0]
+        .as_dictionary()
+        .and_then(|d| d.get("Properties"))
+        .and_then(|p| p.as_dictionary())
+        .expect("props");
+    assert_eq!(
+        props.get("SerialNumber").and_then(|v| v.as_string()),
+        Some("00008030-0000000000000001")
+    );
+    assert_eq!(
+        props.get("ConnectionType").and_then(|v| v.as_string()),
+        Some("USB")
+    );
+
+    // ReadBUID always answers a BUID; it is the one stored.
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(4, &request_xml("ReadBUID")))
+        .expect("send");
+    let buid = plist_body(&mut s)
+        .get("BUID")
+        .and_then(|v| v.as_string())
+        .map(str::to_owned)
+        .expect("BUID");
+    let conf =
+        plist::Value::from_file(dir.0.join("lockdown/SystemConfiguration.plist")).expect("stored");
+    assert_eq!(
+        conf.as_dictionary()
+            .and_then(|d| d.get("SystemBUID"))
+            .and_then(|v| v.as_string()),
+        Some(buid.as_str())
+    );
+
+    // Traversal ids are refused with EINVAL.
+    let mut s = client(&dir.0);
+    let xml = request_xml_with(
+        "ReadPairRecord",
+        "<key>PairRecordID</key><string>../../etc/passwd</string>",
+    );
+    s.write_all(&plist_message(5, &xml)).expect("send");
+    let r = plist_body(&mut s);
+    assert_eq!(
+        r.get("Number").and_then(|v| v.as_unsigned_integer()),
+        Some(22)
+    );
+
+    // Hostile: a header claiming 15 bytes closes that client; deep nesting is refused; the
+    // daemon keeps serving others.
+    let mut bad = client(&dir.0);
+    bad.write_all(&[15, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0])
+        .expect("send");
+    let mut rest = Vec::new();
+    assert_eq!(bad.read_to_end(&mut rest).expect("closed"), 0);
+    let mut deep = client(&dir.0);
+    let nest = "<array>".repeat(20_000) + &"</array>".repeat(20_000);
+    let xml = format!("<?xml version=\"1.0\"?><plist version=\"1.0\"><dict><key>MessageType</key><string>Listen</string><key>X</key>{nest}</dict></plist>");
+    let xml = &xml[..xml.len().min(65_000)];
+    deep.write_all(&plist_message(6, xml)).expect("send");
+    let _ = deep.read_to_end(&mut rest);
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(7, &request_xml("ListDevices")))
+        .expect("send");
+    assert!(plist_body(&mut s).contains_key("DeviceList"));
+
+    // Connect through the plist protocol, port byte-swapped as libusbmuxd does.
+    let id = list[0]
+        .as_dictionary()
+        .and_then(|d| d.get("DeviceID"))
+        .and_then(|v| v.as_unsigned_integer())
+        .expect("id");
+    let mut s = client(&dir.0);
+    let xml = request_xml_with(
+        "Connect",
+        &format!(
+            "<key>DeviceID</key><integer>{id}</integer><key>PortNumber</key><integer>{}</integer>",
+            7u16.swap_bytes()
+        ),
+    );
+    s.write_all(&plist_message(8, &xml)).expect("send");
+    assert_eq!(
+        plist_body(&mut s)
+            .get("Number")
+            .and_then(|v| v.as_unsigned_integer()),
+        Some(0)
+    );
+    echo_roundtrip(&mut s, 200_000);
+    let parsed = PlistRequest::parse(xml.as_bytes()).expect("our request parses");
+    assert_eq!(
+        parsed.request,
+        Request::Connect {
+            device_id: id as u32,
+            port: 7
+        }
+    );
+    d.stop();
+}
+
+fn request_xml(message: &str) -> String {
+    request_xml_with(message, "")
+}
+
+fn request_xml_with(message: &str, extra: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<plist version=\"1.0\"><dict><key>MessageType</key><string>{message}</string><key>ProgName</key><string>test</string><key>ClientVersionString</key><string>usbmux-rs test</string>{extra}</dict></plist>"
+    )
+}
