@@ -34,6 +34,7 @@ impl Drop for Dir {
 
 fn start(dir: &Path, phones: Vec<PhoneConfig>, sockets: Vec<PathBuf>) -> RunningDaemon {
     daemon::start(DaemonConfig {
+        activated: None,
         socket: SocketSpec::Unix {
             path: dir.join("usbmuxd"),
             mode: 0o600,

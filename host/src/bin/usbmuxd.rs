@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
-use log::{error, info, warn};
+use log::{error, info};
 use usbmux_host::daemon::{self, DaemonConfig, SocketSpec};
 use usbmux_sim::PhoneConfig;
 
@@ -24,21 +24,28 @@ struct Cli {
     /// Be more verbose (repeat for more).
     #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
     verbose: u8,
-    /// Change to this user after startup (needs USB access; accepted, not yet applied).
+    /// Drop privileges to this user (and its group) once the socket and pidfile are open.
     #[arg(short = 'U', long = "user")]
     user: Option<String>,
     /// Do not use USB hotplug (accepted for compatibility).
     #[arg(short = 'n', long = "disable-hotplug")]
     disable_hotplug: bool,
-    /// Enable "--exit-on-no-devices"-style udev activation (accepted for compatibility).
+    /// Run in udev activation mode (implies -n and -z).
     #[arg(short = 'u', long = "udev")]
     udev: bool,
-    /// Run in systemd activation mode (accepted for compatibility).
+    /// Run in systemd activation mode (implies -n and -z; a socket passed by systemd via
+    /// LISTEN_FDS is used as the client socket).
     #[arg(short = 's', long = "systemd")]
     systemd: bool,
-    /// Enable network device discovery (accepted; network devices are later work).
+    /// Let another instance ask this one to exit (-x: SIGUSR1 exits when no device is attached).
     #[arg(short = 'z', long = "enable-exit")]
     enable_exit: bool,
+    /// Ask a running instance to exit if no device is attached (sends SIGUSR1), then exit.
+    #[arg(short = 'x', long = "exit")]
+    exit: bool,
+    /// Ask a running instance to exit even with devices attached (sends SIGTERM), then exit.
+    #[arg(short = 'X', long = "force-exit")]
+    force_exit: bool,
     /// Do not pair (accepted; pairing is later work).
     #[arg(short = 'p', long = "no-preflight")]
     no_preflight: bool,
@@ -121,6 +128,11 @@ fn nix_uid() -> u32 {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    if cli.exit || cli.force_exit {
+        let path = cli.pidfile.clone().unwrap_or_else(|| SYSTEM_PIDFILE.into());
+        return pidfile::signal_running(path.as_ref(), cli.force_exit);
+    }
+    raise_open_file_limit();
     let simulated =
         cli.simulate.is_some() || cli.sim_config.is_some() || !cli.sim_socket.is_empty();
     let mut phones: Vec<PhoneConfig> = match &cli.sim_config {
@@ -171,8 +183,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 .unwrap_or_else(|| SYSTEM_CONFIG_DIR.into()),
         )
     };
-    if !simulated && !cli.foreground {
-        warn!("daemonizing is not implemented yet: staying in the foreground");
+    if !simulated && !cli.foreground && !cli.systemd {
+        // Before any thread exists: fork, setsid, chdir /, stdio to /dev/null.
+        nix::unistd::daemon(false, cli.logfile.is_some()).map_err(|e| format!("daemonize: {e}"))?;
     }
     let _pidfile = match (&cli.pidfile, simulated) {
         (Some(p), _) if p == "NONE" => None,
@@ -189,7 +202,13 @@ fn run(cli: Cli) -> Result<(), String> {
         cli.no_preflight,
     );
 
+    let activated = if cli.systemd {
+        activation::take()
+    } else {
+        None
+    };
     let d = daemon::start(DaemonConfig {
+        activated,
         socket,
         config_dir,
         simulate: phones.clone(),
@@ -215,11 +234,78 @@ fn run(cli: Cli) -> Result<(), String> {
         );
         println!("then e.g. `idevice_id -l`, `ideviceinfo -s`, `iproxy 2222:7`. Stop with Ctrl-C.");
     }
+    if let Some(user) = &cli.user {
+        drop_privileges(user)?;
+    }
     info!("running");
     let stop = d.stopper();
-    signals::on_terminate(stop)?;
+    signals::install(stop, cli.enable_exit || cli.udev || cli.systemd)?;
     d.wait();
     Ok(())
+}
+
+/// Each client connection holds a socket (and, connected, nothing else): raise the soft
+/// open-file limit to the hard one, as many connections as the system allows.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            info!("open-file limit raised from {soft} to {hard}");
+        }
+    }
+}
+
+/// Switches to `user` (its primary group first, then supplementary groups cleared).
+fn drop_privileges(user: &str) -> Result<(), String> {
+    use nix::unistd::{setgid, setgroups, setuid, User};
+    let u = User::from_name(user)
+        .map_err(|e| format!("user {user}: {e}"))?
+        .ok_or_else(|| format!("no user {user}"))?;
+    setgroups(&[u.gid]).map_err(|e| format!("setgroups: {e}"))?;
+    setgid(u.gid).map_err(|e| format!("setgid: {e}"))?;
+    setuid(u.uid).map_err(|e| format!("setuid: {e}"))?;
+    info!("running as {user}");
+    Ok(())
+}
+
+mod activation {
+    //! systemd socket activation: `LISTEN_PID` names us and `LISTEN_FDS` ≥ 1 → fd 3 is the
+    //! client socket, already bound and listening. (No existing usbmuxd supports it.)
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::path::PathBuf;
+
+    use nix::sys::socket::{getsockname, SockaddrStorage};
+    use usbmux_host::daemon::ActivatedSocket;
+
+    const SD_LISTEN_FDS_START: i32 = 3;
+
+    pub fn take() -> Option<ActivatedSocket> {
+        let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+        let n: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+        if pid != std::process::id() || n < 1 {
+            return None;
+        }
+        // Children must not think the socket is theirs.
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        // SAFETY: systemd passes fd 3 open and owned by this process when LISTEN_PID is ours and
+        // LISTEN_FDS >= 1 (checked above), and this runs once, before the daemon opens anything
+        // else, so no other owner of fd 3 exists.
+        let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
+        let addr = getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok()?;
+        match addr.as_unix_addr() {
+            Some(un) => {
+                let path = un
+                    .path()
+                    .map_or_else(|| PathBuf::from("(activated)"), PathBuf::from);
+                Some(ActivatedSocket::Unix(
+                    std::os::unix::net::UnixListener::from(fd),
+                    path,
+                ))
+            }
+            None => Some(ActivatedSocket::Tcp(std::net::TcpListener::from(fd))),
+        }
+    }
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
@@ -243,6 +329,25 @@ mod pidfile {
     /// Keeps the lock while alive.
     pub struct Pidfile(#[allow(dead_code)] nix::fcntl::Flock<File>);
 
+    /// `-x` / `-X`: signal the instance named by the pidfile (SIGUSR1: exit if idle; SIGTERM:
+    /// exit now).
+    pub fn signal_running(path: &Path, force: bool) -> Result<(), String> {
+        use nix::sys::signal::{kill, Signal};
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("pidfile {}: {e}", path.display()))?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("pidfile {} holds no pid", path.display()))?;
+        let sig = if force {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGUSR1
+        };
+        kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| format!("signal {pid}: {e}"))?;
+        Ok(())
+    }
+
     pub fn lock(path: &Path) -> Result<Pidfile, String> {
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -265,18 +370,25 @@ mod pidfile {
 }
 
 mod signals {
-    //! SIGINT/SIGTERM end the daemon cleanly (connections are reset, the socket removed).
-    pub fn on_terminate(stop: impl Fn() + Send + 'static) -> Result<(), String> {
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-        ])
-        .map_err(|e| format!("signals: {e}"))?;
+    //! SIGINT/SIGTERM end the daemon cleanly (connections are reset, the socket removed);
+    //! SIGUSR1 ends it only if no phone is attached, and only when `-z` allowed it.
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+
+    pub fn install(stop: impl Fn(bool) + Send + 'static, exit_allowed: bool) -> Result<(), String> {
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+            .map_err(|e| format!("signals: {e}"))?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if signals.forever().next().is_some() {
-                    stop();
+                for sig in signals.forever() {
+                    match sig {
+                        SIGUSR1 if exit_allowed => stop(true),
+                        SIGUSR1 => log::info!("SIGUSR1 ignored (start with -z to allow it)"),
+                        _ => {
+                            stop(false);
+                            return;
+                        }
+                    }
                 }
             })
             .map_err(|e| e.to_string())?;

@@ -42,6 +42,8 @@ pub enum ControlCmd {
     Detach(String),
     /// Stop everything and return.
     Stop,
+    /// Stop if no phone is attached (upstream's `-x`, delivered as SIGUSR1 when `-z` allowed it).
+    StopIfIdle,
 }
 
 /// The bound listening socket.
@@ -173,6 +175,16 @@ impl Control {
                 ControlCmd::Attach(link) => self.attach(link),
                 ControlCmd::Detach(udid) => self.detach(&udid),
                 ControlCmd::Stop => return false,
+                ControlCmd::StopIfIdle => {
+                    if self.devices.is_empty() {
+                        info!("no devices attached: exiting as asked");
+                        return false;
+                    }
+                    info!(
+                        "asked to exit if idle, but {} device(s) are attached",
+                        self.devices.len()
+                    );
+                }
             }
         }
         true

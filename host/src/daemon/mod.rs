@@ -63,8 +63,11 @@ impl SocketSpec {
 }
 
 /// Everything the daemon needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DaemonConfig {
+    /// A listening socket handed over by the service manager (systemd socket activation); used
+    /// instead of binding `socket` when present.
+    pub activated: Option<ActivatedSocket>,
     /// The client socket.
     pub socket: SocketSpec,
     /// Pair records and SystemConfiguration.plist.
@@ -79,6 +82,8 @@ pub struct DaemonConfig {
 
 /// A running daemon (the control thread and its devices).
 pub struct RunningDaemon {
+    /// Remove the socket file at stop (we bound it; an activated one belongs to systemd).
+    owns_socket: bool,
     watchers: Vec<socket_link::SocketWatcher>,
     cmds: Sender<ControlCmd>,
     waker: Arc<mio::Waker>,
@@ -116,12 +121,17 @@ impl RunningDaemon {
         }
     }
 
-    /// A handle that can stop the daemon from another thread (a signal handler's thread).
-    pub fn stopper(&self) -> impl Fn() + Send + 'static {
+    /// A handle that can stop the daemon from another thread (a signal handler's thread):
+    /// called with `true` it stops only if no phone is attached.
+    pub fn stopper(&self) -> impl Fn(bool) + Send + 'static {
         let cmds = self.cmds.clone();
         let waker = self.waker.clone();
-        move || {
-            let _ = cmds.send(ControlCmd::Stop);
+        move |only_if_idle| {
+            let _ = cmds.send(if only_if_idle {
+                ControlCmd::StopIfIdle
+            } else {
+                ControlCmd::Stop
+            });
             let _ = waker.wake();
         }
     }
@@ -134,7 +144,7 @@ impl RunningDaemon {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let SocketSpec::Unix { path, .. } = &self.socket {
+        if let (true, SocketSpec::Unix { path, .. }) = (self.owns_socket, &self.socket) {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -148,10 +158,37 @@ impl Drop for RunningDaemon {
     }
 }
 
-/// Binds the socket (removing a stale socket file first), opens the pair-record store, starts
-/// the control thread and attaches the simulated phones.
+/// A listening socket inherited from the service manager.
+#[derive(Debug)]
+pub enum ActivatedSocket {
+    /// A Unix stream socket (its path, for the log and for clients).
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+    /// A TCP socket.
+    Tcp(std::net::TcpListener),
+}
+
+/// Binds the socket (removing a stale socket file first) or takes the activated one, opens the
+/// pair-record store, starts the control thread and attaches the simulated phones.
 pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
-    let (listener, socket) = bind(&cfg.socket)?;
+    let owns_socket = cfg.activated.is_none();
+    let (listener, socket) = match cfg.activated {
+        Some(ActivatedSocket::Unix(l, path)) => {
+            l.set_nonblocking(true)?;
+            (
+                ListenSocket::Unix(mio::net::UnixListener::from_std(l)),
+                SocketSpec::Unix { path, mode: 0o666 },
+            )
+        }
+        Some(ActivatedSocket::Tcp(l)) => {
+            l.set_nonblocking(true)?;
+            let addr = l.local_addr()?;
+            (
+                ListenSocket::Tcp(mio::net::TcpListener::from_std(l)),
+                SocketSpec::Tcp(addr),
+            )
+        }
+        None => bind(&cfg.socket)?,
+    };
     let pairs = PairRecordStore::open(&cfg.config_dir)
         .map_err(|e| io::Error::other(format!("{}: {e}", cfg.config_dir.display())))?;
     let (mut control, cmds, waker) = Control::new(listener, pairs, cfg.session)?;
@@ -159,6 +196,7 @@ pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
         .name("control".into())
         .spawn(move || control.run())?;
     let mut d = RunningDaemon {
+        owns_socket,
         watchers: Vec::new(),
         cmds,
         waker,
