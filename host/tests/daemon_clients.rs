@@ -43,6 +43,7 @@ fn start(dir: &Path, phones: Vec<PhoneConfig>, sockets: Vec<PathBuf>) -> Running
         simulate: phones,
         sim_sockets: sockets,
         session: usbmux_core::SessionConfig::default(),
+        trace: None,
     })
     .expect("daemon")
 }

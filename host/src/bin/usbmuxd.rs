@@ -72,6 +72,9 @@ struct Cli {
     /// path is absent or after the phone was unplugged.
     #[arg(long = "sim-socket", value_name = "PATH")]
     sim_socket: Vec<PathBuf>,
+    /// Record every USB transfer in FILE (postcard; `usbmux-sim dump FILE` decodes it).
+    #[arg(long = "trace", value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -213,6 +216,7 @@ fn run(cli: Cli) -> Result<(), String> {
         config_dir,
         simulate: phones.clone(),
         sim_sockets: cli.sim_socket.clone(),
+        trace: cli.trace.clone(),
         session: usbmux_core::SessionConfig::default(),
     })
     .map_err(|e| e.to_string())?;

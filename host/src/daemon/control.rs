@@ -107,6 +107,7 @@ pub struct Control {
     next_client: u32,
     pairs: PairRecordStore,
     session_cfg: usbmux_core::SessionConfig,
+    trace: Option<super::trace::SharedTrace>,
 }
 
 impl Control {
@@ -116,6 +117,7 @@ impl Control {
         mut listener: ListenSocket,
         pairs: PairRecordStore,
         session_cfg: usbmux_core::SessionConfig,
+        trace: Option<super::trace::SharedTrace>,
     ) -> io::Result<(Control, Sender<ControlCmd>, Arc<Waker>)> {
         let poll = Poll::new()?;
         poll.registry()
@@ -136,6 +138,7 @@ impl Control {
             next_client: 1,
             pairs,
             session_cfg,
+            trace,
         };
         Ok((c, tx, waker))
     }
@@ -194,6 +197,10 @@ impl Control {
         let device_id = self.next_device_id;
         self.next_device_id = self.next_device_id.wrapping_add(1).max(1);
         let id: DeviceIdentity = link.identity().clone();
+        let link: Box<dyn Link> = match &self.trace {
+            Some(t) => Box::new(super::trace::Traced::new(link, t.clone(), device_id)),
+            None => link,
+        };
         let info = DeviceInfo {
             device_id,
             product_id: id.product_id,

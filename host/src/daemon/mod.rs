@@ -6,6 +6,7 @@ pub mod device;
 pub mod sim;
 pub mod socket_link;
 pub mod stream;
+pub mod trace;
 
 use std::io;
 use std::net::SocketAddr;
@@ -78,6 +79,8 @@ pub struct DaemonConfig {
     pub sim_sockets: Vec<PathBuf>,
     /// Engine settings for every device session.
     pub session: usbmux_core::SessionConfig,
+    /// Record every transfer of every phone in this file (`usbmux-sim dump` reads it).
+    pub trace: Option<PathBuf>,
 }
 
 /// A running daemon (the control thread and its devices).
@@ -191,7 +194,14 @@ pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
     };
     let pairs = PairRecordStore::open(&cfg.config_dir)
         .map_err(|e| io::Error::other(format!("{}: {e}", cfg.config_dir.display())))?;
-    let (mut control, cmds, waker) = Control::new(listener, pairs, cfg.session)?;
+    let trace = match &cfg.trace {
+        Some(p) => Some(
+            trace::SharedTrace::create(p)
+                .map_err(|e| io::Error::other(format!("trace {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let (mut control, cmds, waker) = Control::new(listener, pairs, cfg.session, trace)?;
     let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || control.run())?;

@@ -1,0 +1,135 @@
+//! `usbmuxd --trace FILE`: every transfer of every phone, both ways, in the simulator's
+//! postcard trace format, so `usbmux-sim dump FILE` decodes what the daemon really sent and got.
+//!
+//! Tracing is a diagnostic, opt-in: its writer is shared by the device threads behind a mutex,
+//! which is the only lock a traced daemon takes per transfer (none without `--trace`).
+
+use std::fs::File;
+use std::io::{self, BufWriter};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use log::warn;
+use usbmux_core::Instant;
+use usbmux_sim::trace::{Direction, Entry, Record, TraceWriter};
+
+use crate::link::{DeviceIdentity, Link, LinkError};
+
+/// A trace file shared by all devices.
+#[derive(Clone)]
+pub struct SharedTrace {
+    writer: Arc<Mutex<TraceWriter<BufWriter<File>>>>,
+    epoch: std::time::Instant,
+}
+
+impl SharedTrace {
+    /// Creates (truncates) `path`, mode 0600.
+    pub fn create(path: &Path) -> io::Result<SharedTrace> {
+        let w = TraceWriter::create(path)?;
+        Ok(SharedTrace {
+            writer: Arc::new(Mutex::new(w)),
+            epoch: std::time::Instant::now(),
+        })
+    }
+
+    fn record(&self, phone: u32, entry: Entry) {
+        let micros = self.epoch.elapsed().as_micros() as u64;
+        let Ok(mut w) = self.writer.lock() else {
+            return;
+        };
+        if let Err(e) = w.write(&Record {
+            phone,
+            micros,
+            entry,
+        }) {
+            warn!("trace: {e}");
+        }
+    }
+
+    /// Writes buffered records out.
+    pub fn flush(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            let _ = w.flush();
+        }
+    }
+}
+
+/// A link whose every transfer is recorded.
+pub struct Traced {
+    inner: Box<dyn Link>,
+    trace: SharedTrace,
+    phone: u32,
+}
+
+impl Traced {
+    /// Wraps `inner`; records carry `phone` (the DeviceID).
+    pub fn new(inner: Box<dyn Link>, trace: SharedTrace, phone: u32) -> Self {
+        Traced {
+            inner,
+            trace,
+            phone,
+        }
+    }
+}
+
+impl Link for Traced {
+    fn identity(&self) -> &DeviceIdentity {
+        self.inner.identity()
+    }
+
+    fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError> {
+        self.trace.record(self.phone, Entry::Plug);
+        self.inner.start(waker)
+    }
+
+    fn send(&mut self, now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {
+        self.trace
+            .record(self.phone, Entry::transfer(Direction::Out, transfer));
+        if zlp {
+            self.trace.record(
+                self.phone,
+                Entry::Zlp {
+                    direction: Direction::Out,
+                },
+            );
+        }
+        self.inner.send(now, transfer, zlp)
+    }
+
+    fn recv(&mut self, now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError> {
+        let r = self.inner.recv(now, buf);
+        match &r {
+            Ok(Some(n)) => self
+                .trace
+                .record(self.phone, Entry::transfer(Direction::In, &buf[..*n])),
+            Err(e) => self.trace.record(
+                self.phone,
+                Entry::Unplug {
+                    reason: e.to_string(),
+                },
+            ),
+            Ok(None) => {}
+        }
+        r
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.inner.handle_timeout(now);
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        self.trace.record(
+            self.phone,
+            Entry::Unplug {
+                reason: "device released".into(),
+            },
+        );
+        self.trace.flush();
+    }
+}
