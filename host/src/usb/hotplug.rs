@@ -87,6 +87,24 @@ pub fn open_context() -> Result<Context, UsbUnavailable> {
     })
 }
 
+/// Logs what will keep devices from being seen even though libusb started: on Linux, no
+/// `/dev/bus/usb` (a container without USB passthrough), or no udevd (libusb's udev backend only
+/// hears of devices through udevd's events, so devices plugged in later are never seen —
+/// shared/USB-VM.md).
+fn warn_about_missing_plumbing() {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    if !std::path::Path::new("/dev/bus/usb").exists() {
+        log::warn!("USB: /dev/bus/usb does not exist, so no USB device can be opened here");
+    } else if !std::path::Path::new("/run/udev/control").exists() {
+        log::warn!(
+            "USB: udevd does not seem to run (no /run/udev/control): devices plugged in after \
+             start may not be seen"
+        );
+    }
+}
+
 /// How long one turn of libusb's event loop may block in hotplug mode: the bound on how late the
 /// watcher notices events handled on another thread.
 const EVENT_TICK: Duration = Duration::from_millis(200);
@@ -165,7 +183,8 @@ fn location_of<T: UsbContext>(device: &Device<T>) -> UsbLocation {
 
 impl Watcher {
     /// Creates the libusb context and starts watching; `on_event` is called on the watcher
-    /// thread for every arrival and departure, including devices present at start.
+    /// thread for every arrival and departure, including devices present at start. It should
+    /// hand the event on (a channel plus a wake-up) rather than block: discovery waits for it.
     ///
     /// Fails only when libusb cannot start at all ([`UsbUnavailable`], already logged). A
     /// failed hotplug registration falls back to polling.
@@ -173,7 +192,11 @@ impl Watcher {
     where
         F: FnMut(UsbEvent) + Send + 'static,
     {
+        let mut options = options;
+        // A zero interval would spin; 10 ms is far below anything useful.
+        options.poll_interval = options.poll_interval.max(Duration::from_millis(10));
         let context = open_context()?;
+        warn_about_missing_plumbing();
         let stop = Arc::new(StopFlag::default());
         let mut state = State {
             context: context.clone(),
@@ -312,6 +335,9 @@ impl State {
     fn run_poll(&mut self, stop: &StopFlag) {
         let mut error_logged = false;
         loop {
+            // Nobody else may run libusb's event loop in this mode: let it deliver what it
+            // queued (hotplug notifications hold device references until handled).
+            let _ = self.context.handle_events(Some(Duration::ZERO));
             match self.context.devices() {
                 Ok(list) => {
                     error_logged = false;

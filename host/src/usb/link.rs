@@ -279,9 +279,10 @@ impl core::fmt::Debug for UsbLink {
 }
 
 impl UsbLink {
-    /// A link over any pair of bulk pipes (tests use a fake; [`UsbLink::open`](super::UsbLink::open)
-    /// passes a claimed rusb handle). `identity.max_packet_size` is informational here: the ZLP
-    /// decision is the caller's (`zlp` in [`Link::send`]).
+    /// A link over any pair of bulk pipes (tests use a fake;
+    /// [`UsbLink::open`](super::UsbLink::open) passes a claimed rusb handle).
+    /// `identity.max_packet_size` is informational here: the ZLP decision is the caller's (`zlp`
+    /// in [`Link::send`]).
     pub fn with_io(
         identity: DeviceIdentity,
         kind: AppleDeviceKind,

@@ -2,9 +2,9 @@
 //!
 //! Read `shared/PROTOCOL.md` §2.1 first. Everything here is a pure function over plain descriptor
 //! structs ([`DeviceDescriptorInfo`] and its parts), so the decision is tested on captured
-//! descriptor data without hardware; [`super::device`] fills the structs from rusb, and
-//! [`DeviceDescriptorInfo::parse`] fills them from raw descriptor bytes (the layout of Linux's
-//! sysfs `descriptors` file, which is also what the test fixtures hold).
+//! descriptor data without hardware; [`descriptor_info`](super::descriptor_info) fills the
+//! structs from rusb, and [`DeviceDescriptorInfo::parse`] fills them from raw descriptor bytes
+//! (the layout of Linux's sysfs `descriptors` file, which is also what the test fixtures hold).
 //!
 //! The rule ([`choose_interface`]):
 //! 1. vendor 0x05AC and a product id usbmux devices use ([`classify`]);
@@ -235,7 +235,8 @@ impl fmt::Display for Rejection {
                 problem,
             } => write!(
                 f,
-                "usbmux interface {interface} of configuration {configuration} is unusable: {problem}"
+                "usbmux interface {interface} of configuration {configuration} is unusable: \
+                 {problem}"
             ),
         }
     }
@@ -699,7 +700,8 @@ mod tests {
         );
         // Every prefix of a valid configuration parses or fails cleanly.
         let good = parse_hex_dump(
-            "09 02 20 00 01 01 00 c0 fa  09 04 00 00 02 ff fe 02 00  07 05 81 02 00 02 00  07 05 02 02 00 02 00",
+            "09 02 20 00 01 01 00 c0 fa  09 04 00 00 02 ff fe 02 00 \
+             07 05 81 02 00 02 00  07 05 02 02 00 02 00",
         )
         .expect("hex");
         for n in 0..good.len() {
