@@ -44,6 +44,7 @@ fn start(dir: &Path, phones: Vec<PhoneConfig>, sockets: Vec<PathBuf>) -> Running
         sim_sockets: sockets,
         session: usbmux_core::SessionConfig::default(),
         trace: None,
+        usb: false,
     })
     .expect("daemon")
 }

@@ -72,6 +72,12 @@ struct Cli {
     /// path is absent or after the phone was unplugged.
     #[arg(long = "sim-socket", value_name = "PATH")]
     sim_socket: Vec<PathBuf>,
+    /// Serve USB phones even with simulated ones (the default without --simulate).
+    #[arg(long = "usb", conflicts_with = "no_usb")]
+    usb: bool,
+    /// Do not touch USB at all.
+    #[arg(long = "no-usb")]
+    no_usb: bool,
     /// Record every USB transfer in FILE (postcard; `usbmux-sim dump FILE` decodes it).
     #[arg(long = "trace", value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -217,6 +223,7 @@ fn run(cli: Cli) -> Result<(), String> {
         simulate: phones.clone(),
         sim_sockets: cli.sim_socket.clone(),
         trace: cli.trace.clone(),
+        usb: if simulated { cli.usb } else { !cli.no_usb },
         session: usbmux_core::SessionConfig::default(),
     })
     .map_err(|e| e.to_string())?;

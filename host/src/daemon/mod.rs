@@ -81,10 +81,13 @@ pub struct DaemonConfig {
     pub session: usbmux_core::SessionConfig,
     /// Record every transfer of every phone in this file (`usbmux-sim dump` reads it).
     pub trace: Option<PathBuf>,
+    /// Serve USB phones (libusb hotplug or a 1 s poll). Unavailable USB is logged, not fatal.
+    pub usb: bool,
 }
 
 /// A running daemon (the control thread and its devices).
 pub struct RunningDaemon {
+    usb: Option<crate::usb::Watcher>,
     /// Remove the socket file at stop (we bound it; an activated one belongs to systemd).
     owns_socket: bool,
     watchers: Vec<socket_link::SocketWatcher>,
@@ -142,6 +145,7 @@ impl RunningDaemon {
     fn stop_inner(&mut self) {
         // No reconnecting while everything shuts down.
         self.watchers.clear();
+        self.usb = None;
         let _ = self.cmds.send(ControlCmd::Stop);
         let _ = self.waker.wake();
         if let Some(t) = self.thread.take() {
@@ -206,6 +210,7 @@ pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
         .name("control".into())
         .spawn(move || control.run())?;
     let mut d = RunningDaemon {
+        usb: None,
         owns_socket,
         watchers: Vec::new(),
         cmds,
@@ -215,6 +220,19 @@ pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
     };
     for phone in cfg.simulate {
         d.attach(Box::new(sim::SimLink::new(phone)));
+    }
+    if cfg.usb {
+        let (cmds, waker) = (d.cmds.clone(), d.waker.clone());
+        // Arrivals become devices; a departure is noticed by the device's own link (its
+        // transfers fail), which ends it and tells listeners.
+        let watcher =
+            crate::usb::Watcher::start(crate::usb::WatcherOptions::default(), move |ev| {
+                if let crate::usb::UsbEvent::Arrived(link) = ev {
+                    let _ = cmds.send(ControlCmd::Attach(Box::new(link)));
+                    let _ = waker.wake();
+                }
+            });
+        d.usb = watcher.ok();
     }
     for path in cfg.sim_sockets {
         let (cmds, waker) = (d.cmds.clone(), d.waker.clone());
