@@ -343,3 +343,297 @@ fn request_xml_with(message: &str, extra: &str) -> String {
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<plist version=\"1.0\"><dict><key>MessageType</key><string>{message}</string><key>ProgName</key><string>test</string><key>ClientVersionString</key><string>usbmux-rs test</string>{extra}</dict></plist>"
     )
 }
+
+fn plist_connect(dir: &Path, device_id: u64, port: u16) -> Option<UnixStream> {
+    let mut s = client(dir);
+    let xml = request_xml_with(
+        "Connect",
+        &format!("<key>DeviceID</key><integer>{device_id}</integer><key>PortNumber</key><integer>{}</integer>", port.swap_bytes()),
+    );
+    s.write_all(&plist_message(9, &xml)).expect("send");
+    let n = plist_body(&mut s)
+        .get("Number")
+        .and_then(|v| v.as_unsigned_integer());
+    (n == Some(0)).then_some(s)
+}
+
+/// Lists devices through a binary Listen and returns their ids in UDID order.
+fn device_ids(dir: &Path, n: usize) -> Vec<u32> {
+    let mut l = client(dir);
+    binary_listen(&mut l);
+    let mut devs = devices_added(&mut l, n);
+    devs.sort_by(|a, b| a.1.cmp(&b.1));
+    devs.into_iter().map(|d| d.0).collect()
+}
+
+#[test]
+fn sixty_four_mib_each_way_with_sha256() {
+    use sha2::{Digest, Sha256};
+    let dir = Dir::new("bulk");
+    let d = start(&dir.0, vec![PhoneConfig::simulated(1)], vec![]);
+    let id = device_ids(&dir.0, 1)[0];
+    // Host → phone: 64 MiB through digest, the phone's SHA-256 must match ours.
+    let mut s = plist_connect(&dir.0, u64::from(id), 1999).expect("digest");
+    let total: u64 = 64 << 20;
+    let block: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    s.write_all(&total.to_be_bytes()).expect("len");
+    let mut h = Sha256::new();
+    for _ in 0..64 {
+        s.write_all(&block).expect("data");
+        h.update(&block);
+    }
+    let mut answer = [0u8; 32];
+    s.read_exact(&mut answer).expect("digest answer");
+    assert_eq!(answer[..], h.finalize()[..]);
+    // Phone → host: 64 MiB from the source service, every byte checked against its pattern.
+    let mut s = plist_connect(&dir.0, u64::from(id), 19).expect("source");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < total {
+        let n = s.read(&mut buf).expect("source data");
+        assert!(n > 0, "source ended early at {off}");
+        for (i, &b) in buf[..n].iter().enumerate() {
+            assert_eq!(
+                b,
+                usbmux_sim::service::source_byte(off + i as u64),
+                "byte {}",
+                off + i as u64
+            );
+        }
+        off += n as u64;
+    }
+    d.stop();
+}
+
+#[test]
+fn sixty_four_connections_over_four_phones() {
+    let dir = Dir::new("many");
+    let phones = (1..=4).map(PhoneConfig::simulated).collect();
+    let d = start(&dir.0, phones, vec![]);
+    let ids = device_ids(&dir.0, 4);
+    let threads: Vec<_> = (0..64)
+        .map(|k| {
+            let dir = dir.0.clone();
+            let id = ids[k % 4];
+            std::thread::spawn(move || {
+                let mut s = binary_connect(&dir, id, 7).expect("echo");
+                echo_roundtrip(&mut s, 256 * 1024 + k * 1000);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("connection byte-exact");
+    }
+    d.stop();
+}
+
+#[test]
+fn a_client_that_stops_reading_loses_nothing() {
+    let dir = Dir::new("stall");
+    let d = start(&dir.0, vec![PhoneConfig::simulated(1)], vec![]);
+    let id = device_ids(&dir.0, 1)[0];
+    let mut s = binary_connect(&dir.0, id, 7).expect("echo");
+    // Write far more than every buffer on the way holds without reading: the writer blocks
+    // (backpressure), then the reader drains and every byte comes back in order.
+    let len = 24 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    let mut w = s.try_clone().expect("clone");
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&d2).expect("write"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !writer.is_finished(),
+        "the phone's window must have stopped the writer"
+    );
+    let mut back = vec![0u8; len];
+    s.read_exact(&mut back).expect("everything comes back");
+    writer.join().expect("writer");
+    assert!(back == data);
+    d.stop();
+}
+
+#[test]
+fn resets_from_either_side() {
+    let dir = Dir::new("resets");
+    let d = start(&dir.0, vec![PhoneConfig::simulated(1)], vec![]);
+    let id = device_ids(&dir.0, 1)[0];
+    // The phone resets: lockdown refuses a message longer than 1 MiB and resets the connection;
+    // the client sees the end of the stream.
+    let mut s = binary_connect(&dir.0, id, 62078).expect("lockdown");
+    s.write_all(&(2u32 << 20).to_be_bytes()).expect("send");
+    let mut rest = Vec::new();
+    let n = s.read_to_end(&mut rest).unwrap_or(0);
+    assert_eq!(n, 0, "no reply, only the end of the connection");
+    // The client goes away mid-stream: the daemon resets the phone side; the phone and the
+    // daemon carry on.
+    let mut s = binary_connect(&dir.0, id, 9).expect("discard");
+    s.write_all(&vec![1u8; 1 << 20]).expect("send");
+    drop(s);
+    let mut s = binary_connect(&dir.0, id, 7).expect("echo after both resets");
+    echo_roundtrip(&mut s, 100_000);
+    d.stop();
+}
+
+#[test]
+fn pair_records_listeners_and_socket_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Dir::new("pairs");
+    let d = start(&dir.0, vec![PhoneConfig::simulated(1)], vec![]);
+    let mode = std::fs::metadata(dir.0.join("usbmuxd"))
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // A plist listener, for Paired and for ListListeners.
+    let mut l = client(&dir.0);
+    let listen = request_xml_with("Listen", "<key>kLibUSBMuxVersion</key><integer>3</integer>");
+    l.write_all(&plist_message(1, &listen)).expect("listen");
+    assert_eq!(
+        plist_body(&mut l)
+            .get("Number")
+            .and_then(|v| v.as_unsigned_integer()),
+        Some(0)
+    );
+    let attached = plist_body(&mut l);
+    assert_eq!(
+        attached.get("MessageType").and_then(|v| v.as_string()),
+        Some("Attached")
+    );
+    let id = attached
+        .get("DeviceID")
+        .and_then(|v| v.as_unsigned_integer())
+        .expect("id");
+
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(2, &request_xml("ListListeners")))
+        .expect("send");
+    let list = plist_body(&mut s);
+    let listeners = list
+        .get("ListenerList")
+        .and_then(|v| v.as_array())
+        .expect("list");
+    assert_eq!(listeners.len(), 1);
+
+    let udid = "00008030-0000000000000001";
+    let record = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><plist version=\"1.0\"><dict><key>HostID</key><string>ABC</string><key>SystemBUID</key><string>DEF</string></dict></plist>";
+    let save = request_xml_with(
+        "SavePairRecord",
+        &format!(
+            "<key>PairRecordID</key><string>{udid}</string><key>PairRecordData</key><data>{}</data><key>DeviceID</key><integer>{id}</integer>",
+            base64(record.as_bytes())
+        ),
+    );
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(3, &save)).expect("send");
+    assert_eq!(
+        plist_body(&mut s)
+            .get("Number")
+            .and_then(|v| v.as_unsigned_integer()),
+        Some(0)
+    );
+    let paired = plist_body(&mut l);
+    assert_eq!(
+        paired.get("MessageType").and_then(|v| v.as_string()),
+        Some("Paired")
+    );
+    let file = dir.0.join("lockdown").join(format!("{udid}.plist"));
+    assert_eq!(
+        std::fs::metadata(&file)
+            .expect("record")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let read = request_xml_with(
+        "ReadPairRecord",
+        &format!("<key>PairRecordID</key><string>{udid}</string>"),
+    );
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(4, &read)).expect("send");
+    let data = plist_body(&mut s)
+        .get("PairRecordData")
+        .and_then(|v| v.as_data())
+        .map(<[u8]>::to_vec)
+        .expect("data");
+    let v = plist::Value::from_reader_xml(&data[..]).expect("xml");
+    assert_eq!(
+        v.as_dictionary()
+            .and_then(|d| d.get("HostID"))
+            .and_then(|v| v.as_string()),
+        Some("ABC")
+    );
+
+    let del = request_xml_with(
+        "DeletePairRecord",
+        &format!("<key>PairRecordID</key><string>{udid}</string>"),
+    );
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(5, &del)).expect("send");
+    assert_eq!(
+        plist_body(&mut s)
+            .get("Number")
+            .and_then(|v| v.as_unsigned_integer()),
+        Some(0)
+    );
+    assert!(!file.exists());
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(6, &read)).expect("send");
+    assert_eq!(
+        plist_body(&mut s)
+            .get("Number")
+            .and_then(|v| v.as_unsigned_integer()),
+        Some(2),
+        "ENOENT"
+    );
+
+    // A listener that sends another command gets BADCOMMAND and is closed.
+    l.write_all(&plist_message(7, &request_xml("ListDevices")))
+        .expect("send");
+    assert_eq!(
+        plist_body(&mut l)
+            .get("Number")
+            .and_then(|v| v.as_unsigned_integer()),
+        Some(1)
+    );
+    let mut rest = Vec::new();
+    assert_eq!(l.read_to_end(&mut rest).expect("closed"), 0);
+    // An unknown request and an unknown header version.
+    let mut s = client(&dir.0);
+    s.write_all(&plist_message(8, &request_xml("Frobnicate")))
+        .expect("send");
+    assert_eq!(
+        plist_body(&mut s)
+            .get("Number")
+            .and_then(|v| v.as_unsigned_integer()),
+        Some(1)
+    );
+    let mut s = client(&dir.0);
+    s.write_all(&[16, 0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, 42, 0, 0, 0])
+        .expect("send");
+    let (h, body) = read_message(&mut s);
+    assert_eq!((h.message, h.tag), (MessageType::Result, 42));
+    assert_eq!(body, 6u32.to_le_bytes(), "BADVERSION");
+    d.stop();
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
