@@ -337,46 +337,44 @@ mod pidfile {
     use std::io::Write;
     use std::path::Path;
 
-    /// Keeps the lock while alive.
-    pub struct Pidfile(#[allow(dead_code)] nix::fcntl::Flock<File>);
+    /// Keeps the lock while alive (the file stays open; the lock goes with the process).
+    pub struct Pidfile(#[allow(dead_code)] File);
 
     /// `-x` / `-X`: signal the instance named by the pidfile (SIGUSR1: exit if idle; SIGTERM:
     /// exit now).
     pub fn signal_running(path: &Path, force: bool) -> Result<(), String> {
         use nix::sys::signal::{kill, Signal};
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("pidfile {}: {e}", path.display()))?;
-        let pid: i32 = text
-            .trim()
-            .parse()
-            .map_err(|_| format!("pidfile {} holds no pid", path.display()))?;
-        let sig = if force {
-            Signal::SIGTERM
-        } else {
-            Signal::SIGUSR1
-        };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("pidfile {}: {e}", path.display()))?;
+        let pid: i32 = text.trim().parse().map_err(|_| format!("pidfile {} holds no pid", path.display()))?;
+        let sig = if force { Signal::SIGTERM } else { Signal::SIGUSR1 };
         kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| format!("signal {pid}: {e}"))?;
         Ok(())
     }
 
+    /// Opens the pidfile and takes a POSIX record lock (`fcntl(F_SETLK)`, as upstream usbmuxd
+    /// does, so ours and theirs also exclude each other), then writes our pid.
     pub fn lock(path: &Path) -> Result<Pidfile, String> {
-        let f = std::fs::OpenOptions::new()
+        use nix::fcntl::{fcntl, FcntlArg};
+        use nix::libc;
+        let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .read(true)
             .open(path)
             .map_err(|e| format!("pidfile {}: {e}", path.display()))?;
-        let mut locked = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|_| {
-                format!(
-                    "another usbmuxd is running (pidfile {} is locked)",
-                    path.display()
-                )
-            })?;
-        locked.set_len(0).map_err(|e| e.to_string())?;
-        writeln!(&mut *locked, "{}", std::process::id()).map_err(|e| e.to_string())?;
-        Ok(Pidfile(locked))
+        let whole_file = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        fcntl(&f, FcntlArg::F_SETLK(&whole_file))
+            .map_err(|_| format!("another usbmuxd is running (pidfile {} is locked)", path.display()))?;
+        f.set_len(0).map_err(|e| e.to_string())?;
+        writeln!(f, "{}", std::process::id()).map_err(|e| e.to_string())?;
+        Ok(Pidfile(f))
     }
 }
 
