@@ -119,21 +119,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where a user-local daemon keeps its socket and state: `$XDG_RUNTIME_DIR/usbmuxd-rs`, else a
-/// directory in the temp dir named after the user id.
+/// Where a user-local daemon keeps its socket and state: `$XDG_RUNTIME_DIR/usbmuxd-rs`, else
+/// `usbmuxd-rs-UID` in the temp dir (created 0700; refused if someone else owns it).
 fn user_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
+    match std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
-        .filter(|p| p.is_dir());
-    base.unwrap_or_else(|| std::env::temp_dir().join(format!("usbmuxd-rs-{}", nix_uid())))
-        .join("usbmuxd-rs")
-}
-
-fn nix_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
+        .filter(|p| p.is_dir())
+    {
+        Some(base) => base.join("usbmuxd-rs"),
+        None => std::env::temp_dir().join(format!("usbmuxd-rs-{}", nix::unistd::getuid())),
+    }
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -320,14 +315,22 @@ mod activation {
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("{}: {e}", dir.display()))
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let err = |e: std::io::Error| format!("{}: {e}", dir.display());
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(e)),
+    }
+    // In a shared temp dir someone else may have made it first: then it is not ours to use.
+    let m = std::fs::symlink_metadata(dir).map_err(err)?;
+    if !m.is_dir() || m.uid() != nix::unistd::getuid().as_raw() {
+        return Err(format!(
+            "{} is not a directory owned by this user",
+            dir.display()
+        ));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
 mod pidfile {
@@ -344,9 +347,17 @@ mod pidfile {
     /// exit now).
     pub fn signal_running(path: &Path, force: bool) -> Result<(), String> {
         use nix::sys::signal::{kill, Signal};
-        let text = std::fs::read_to_string(path).map_err(|e| format!("pidfile {}: {e}", path.display()))?;
-        let pid: i32 = text.trim().parse().map_err(|_| format!("pidfile {} holds no pid", path.display()))?;
-        let sig = if force { Signal::SIGTERM } else { Signal::SIGUSR1 };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("pidfile {}: {e}", path.display()))?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("pidfile {} holds no pid", path.display()))?;
+        let sig = if force {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGUSR1
+        };
         kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| format!("signal {pid}: {e}"))?;
         Ok(())
     }
@@ -370,8 +381,12 @@ mod pidfile {
             l_len: 0,
             l_pid: 0,
         };
-        fcntl(&f, FcntlArg::F_SETLK(&whole_file))
-            .map_err(|_| format!("another usbmuxd is running (pidfile {} is locked)", path.display()))?;
+        fcntl(&f, FcntlArg::F_SETLK(&whole_file)).map_err(|_| {
+            format!(
+                "another usbmuxd is running (pidfile {} is locked)",
+                path.display()
+            )
+        })?;
         f.set_len(0).map_err(|e| e.to_string())?;
         writeln!(f, "{}", std::process::id()).map_err(|e| e.to_string())?;
         Ok(Pidfile(f))
