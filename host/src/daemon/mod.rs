@@ -120,10 +120,20 @@ impl RunningDaemon {
         self.stop_inner();
     }
 
-    /// Waits until the daemon stops (it never does on its own; for the binary).
+    /// Waits until the daemon stops (by `stopper`, a signal or `-x`), then cleans up as `stop`
+    /// does (removes the socket file it created).
     pub fn wait(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        self.watchers.clear();
+        self.usb = None;
+        self.remove_socket();
+    }
+
+    fn remove_socket(&self) {
+        if let (true, SocketSpec::Unix { path, .. }) = (self.owns_socket, &self.socket) {
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -151,9 +161,7 @@ impl RunningDaemon {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let (true, SocketSpec::Unix { path, .. }) = (self.owns_socket, &self.socket) {
-            let _ = std::fs::remove_file(path);
-        }
+        self.remove_socket();
     }
 }
 
