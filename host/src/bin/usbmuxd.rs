@@ -188,8 +188,9 @@ fn run(cli: Cli) -> Result<(), String> {
         )
     };
     if !simulated && !cli.foreground && !cli.systemd {
-        // Before any thread exists: fork, setsid, chdir /, stdio to /dev/null.
-        nix::unistd::daemon(false, cli.logfile.is_some()).map_err(|e| format!("daemonize: {e}"))?;
+        // Before any thread exists: fork, setsid, chdir /, stdio to /dev/null (whoever started
+        // us must not wait on our output pipes). Logs then go only to -l FILE, which stays open.
+        nix::unistd::daemon(false, false).map_err(|e| format!("daemonize: {e}"))?;
     }
     let _pidfile = match (&cli.pidfile, simulated) {
         (Some(p), _) if p == "NONE" => None,
