@@ -1,0 +1,72 @@
+//! What the command-line tools (`iproxy`, `inetcat`, `usbmuxctl`) share: picking a device the
+//! way libusbmuxd's tools do, and copying between sockets.
+
+use std::io::{self, Read, Write};
+
+use crate::client::{Client, ClientError, ConnectionType, Device};
+
+/// Which devices a tool may use (`-u`, `-l`, `-n` of libusbmuxd's tools).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    /// Only the device with this UDID (either form).
+    pub udid: Option<String>,
+    /// Only USB devices (`-l/--local`).
+    pub usb_only: bool,
+    /// Only network devices (`-n/--network`).
+    pub network_only: bool,
+}
+
+/// Why no device could be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PickError {
+    /// The daemon could not be asked.
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    /// No device matches.
+    #[error("{0}")]
+    NoDevice(String),
+}
+
+impl DeviceFilter {
+    fn allows(&self, d: &Device) -> bool {
+        let is_usb = d.connection_type == ConnectionType::Usb;
+        if self.usb_only && !is_usb {
+            return false;
+        }
+        if self.network_only && d.connection_type != ConnectionType::Network {
+            return false;
+        }
+        self.udid.as_deref().is_none_or(|u| d.matches_udid(u))
+    }
+
+    /// Looks the device up now (a replugged phone has a new DeviceID, so tools look it up for
+    /// every connection): the named one, else the first USB device, else the first device.
+    pub fn pick(&self, client: &Client) -> Result<Device, PickError> {
+        let devices = client.list_devices()?;
+        let mut ok: Vec<Device> = devices.into_iter().filter(|d| self.allows(d)).collect();
+        ok.sort_by_key(|d| (d.connection_type != ConnectionType::Usb, d.device_id));
+        ok.into_iter().next().ok_or_else(|| {
+            PickError::NoDevice(match &self.udid {
+                Some(u) => format!("device {u} not found"),
+                None => "no device connected".into(),
+            })
+        })
+    }
+}
+
+/// Copies `from` → `to` until `from` ends; returns the bytes copied. Large buffer: the phone's
+/// packets carry up to 48 KiB, and fewer system calls matter at hundreds of MB/s.
+pub fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
