@@ -36,8 +36,10 @@ fn wait_for(path: &Path) -> bool {
 
 /// Running (a zombie waiting for a reaper that a container may not have counts as ended).
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .is_ok_and(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    })
 }
 
 #[test]
