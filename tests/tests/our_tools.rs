@@ -33,33 +33,45 @@ fn ours(name: &str) -> Option<PathBuf> {
     Some(p)
 }
 
-/// Starts our iproxy with `pairs` and waits (bounded) until every local port listens.
-fn start_iproxy(d: &TestDaemon, pairs: &[(u16, u16)]) -> Option<ChildGuard> {
+/// Starts our iproxy forwarding fresh local ports to `device_ports` (with `extra` options
+/// first) and waits (bounded) until every local port listens. Tests run in parallel and a
+/// free port can be taken between choosing and binding it: then iproxy exits and is started
+/// again on other ports (at most 5 times). Returns iproxy and the local ports.
+fn start_iproxy(
+    d: &TestDaemon,
+    extra: &[&str],
+    device_ports: &[u16],
+) -> Option<(ChildGuard, Vec<u16>)> {
     let bin = ours("iproxy")?;
-    let mut cmd = d.command(bin.to_str().expect("utf-8 path"));
-    for (l, r) in pairs {
-        cmd.arg(format!("{l}:{r}"));
+    for _ in 0..5 {
+        let ports = free_local_ports(device_ports.len()).expect("ports");
+        let mut cmd = d.command(bin.to_str().expect("utf-8 path"));
+        cmd.args(extra);
+        for (l, r) in ports.iter().zip(device_ports) {
+            cmd.arg(format!("{l}:{r}"));
+        }
+        let mut child = ChildGuard::spawn_captured(&mut cmd).expect("spawn iproxy");
+        let up = poll_until(Duration::from_secs(10), || {
+            if child.try_wait().ok().flatten().is_some() {
+                return Some(false);
+            }
+            let listening = listening_tcp_ports(child.pid()).ok()?;
+            ports.iter().all(|p| listening.contains(p)).then_some(true)
+        });
+        match up {
+            Some(true) => return Some((child, ports)),
+            Some(false) => continue, // lost a port race: try other ports
+            None => panic!("iproxy did not listen: {}", child.stderr_text()),
+        }
     }
-    let child = ChildGuard::spawn_captured(&mut cmd).expect("spawn iproxy");
-    let want: Vec<u16> = pairs.iter().map(|p| p.0).collect();
-    let up = poll_until(Duration::from_secs(10), || {
-        let ports = listening_tcp_ports(child.pid()).ok()?;
-        want.iter().all(|p| ports.contains(p)).then_some(())
-    });
-    assert!(
-        up.is_some(),
-        "iproxy did not listen: {}",
-        child.stderr_text()
-    );
-    Some(child)
+    panic!("iproxy could not bind free ports five times");
 }
 
 #[test]
 fn iproxy_three_pairs_sixteen_parallel_connections_each() {
     let d = TestDaemon::start(vec![PhoneConfig::simulated(1)]);
     d.wait_for_devices(&[&sim_udid(1)]);
-    let ports = free_local_ports(3).expect("ports");
-    let Some(_iproxy) = start_iproxy(&d, &[(ports[0], 7), (ports[1], 7), (ports[2], 7)]) else {
+    let Some((_iproxy, ports)) = start_iproxy(&d, &[], &[7, 7, 7]) else {
         return;
     };
     // 3 pairs × 16 connections, 8 MiB each through echo, SHA-256 compared.
@@ -87,23 +99,11 @@ fn iproxy_three_pairs_sixteen_parallel_connections_each() {
 fn iproxy_refusal_and_unplug_keep_it_serving() {
     let d = TestDaemon::start(vec![PhoneConfig::simulated(1), PhoneConfig::simulated(2)]);
     d.wait_for_devices(&[&sim_udid(1), &sim_udid(2)]);
-    let ports = free_local_ports(2).expect("ports");
-    let bin = match ours("iproxy") {
-        Some(b) => b,
-        None => return,
-    };
     // Bound to phone 2 by UDID.
-    let mut cmd = d.command(bin.to_str().expect("utf-8"));
-    cmd.args(["-u", &sim_udid(2)])
-        .arg(format!("{}:7", ports[0]))
-        .arg(format!("{}:4242", ports[1]));
-    let iproxy = ChildGuard::spawn_captured(&mut cmd).expect("spawn");
-    assert!(poll_until(Duration::from_secs(10), || listening_tcp_ports(
-        iproxy.pid()
-    )
-    .ok()
-    .filter(|p| p.contains(&ports[0]) && p.contains(&ports[1])))
-    .is_some());
+    let udid2 = sim_udid(2);
+    let Some((_iproxy, ports)) = start_iproxy(&d, &["-u", &udid2], &[7, 4242]) else {
+        return;
+    };
     // Only loopback: nothing listens on another address.
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let hex = format!(":{:04X} ", ports[0]);
