@@ -1,23 +1,5 @@
 //! Where the daemon is: `USBMUXD_SOCKET_ADDRESS` and the platform default (PROTOCOL.md §3.1,
 //! §3.7).
-//!
-//! Real clients and scripts spell the address in several ways, and a tool built on this library
-//! must understand every one of them, since the same variable is read by libusbmuxd's tools
-//! and ours side by side:
-//!
-//! | form | example | meaning |
-//! |---|---|---|
-//! | `UNIX:path` | `UNIX:/var/run/usbmuxd` | libusbmuxd's own form |
-//! | `unix://path` | `unix:///tmp/usbmuxd` | URL form (Docker-style `unix://` plus an absolute path) |
-//! | a bare absolute path | `/tmp/usbmuxd` | what usbmuxd's `-S PATH` takes |
-//! | `HOST:PORT` | `127.0.0.1:27015`, `localhost:27015` | libusbmuxd's TCP form (split at the last `:`) |
-//! | `[V6]:PORT` | `[::1]:27015` | IPv6 in brackets |
-//! | `tcp://HOST:PORT` | `tcp://127.0.0.1:27015` | URL form |
-//!
-//! The prefixes are matched without regard to case. [`SocketAddress::parse`] never panics and
-//! reports what is wrong with a typed [`AddressError`]; its `Display` output is always one of
-//! libusbmuxd's two forms (`UNIX:path`, `HOST:PORT`), so it can be handed on to child processes
-//! that use libusbmuxd.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -73,6 +55,26 @@ pub enum AddressError {
 }
 
 /// Where to reach the daemon: a Unix socket or a TCP address.
+///
+/// Real clients and scripts spell the address in several ways, and a tool built on this library
+/// must understand every one of them, since the same variable is read by libusbmuxd's tools
+/// and ours side by side:
+///
+/// | form | example | meaning |
+/// |---|---|---|
+/// | `UNIX:path` | `UNIX:/var/run/usbmuxd` | libusbmuxd's own form |
+/// | `unix://path` | `unix:///tmp/usbmuxd` | URL form (Docker-style `unix://` plus an absolute path) |
+/// | a bare absolute path | `/tmp/usbmuxd` | what usbmuxd's `-S PATH` takes |
+/// | `HOST:PORT` | `127.0.0.1:27015`, `localhost:27015` | libusbmuxd's TCP form (split at the last `:`) |
+/// | `[V6]:PORT` | `[::1]:27015` | IPv6 in brackets |
+/// | `tcp://HOST:PORT` | `tcp://127.0.0.1:27015` | URL form |
+///
+/// The prefixes are matched without regard to case. [`SocketAddress::parse`] never panics and
+/// reports what is wrong with a typed [`AddressError`]; its `Display` output is always one of
+/// libusbmuxd's two forms (`UNIX:path`, `HOST:PORT`), so it can be handed on to child processes
+/// that use libusbmuxd. So that every address prints as something that parses back to it, the
+/// leading slashes of a path are collapsed to one, and a TCP host named `unix` is refused
+/// (`unix:5` is the path `5`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SocketAddress {
     /// A Unix stream socket at this path.
@@ -100,7 +102,7 @@ impl SocketAddress {
         }
     }
 
-    /// Parses an address in any of the forms of the [module documentation](self).
+    /// Parses an address in any of the forms listed on [`SocketAddress`].
     ///
     /// Leading and trailing whitespace is not removed: a path may legitimately contain it, and
     /// a stray space in an environment variable is better reported than guessed around.

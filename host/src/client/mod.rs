@@ -7,7 +7,7 @@
 //! default), so no call can hang on a daemon that does not answer.
 //!
 //! **Protocols.** Requests go out as plist messages carrying libusbmuxd's client
-//! identification (`ClientVersionString` "usbmux-rs <version>", `ProgName`,
+//! identification (`ClientVersionString` "usbmux-rs VERSION", `ProgName`,
 //! `kLibUSBMuxVersion` 3), which usbmuxd shows in ListListeners. A daemon that answers
 //! BADVERSION speaks only the old binary protocol: the request is repeated in binary, and the
 //! client remembers it (for itself and its clones), so later calls go binary at once. The
@@ -354,8 +354,10 @@ impl Client {
 
     fn deadline(&self) -> Instant {
         let now = Instant::now();
+        // A timeout too large for the clock means "a day": no call could use more.
         now.checked_add(self.timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(86_400))
+            .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+            .unwrap_or(now)
     }
 
     fn next_tag(&self) -> u32 {
@@ -574,4 +576,53 @@ fn default_prog_name() -> &'static Option<String> {
             .filter(|n| !n.is_empty())
             .map(str::to_owned)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Client>();
+        send_sync::<UsbmuxStream>();
+        send_sync::<ClientError>();
+        fn send<T: Send>() {}
+        send::<Listener>();
+    }
+
+    #[test]
+    fn requests_identify_the_client() {
+        let client = Client::with_address(SocketAddress::Unix("/nonexistent".into()))
+            .with_prog_name(Some("probe".into()));
+        let info = client.client_info();
+        assert_eq!(
+            info.client_version.as_deref(),
+            Some(concat!("usbmux-rs ", env!("CARGO_PKG_VERSION")))
+        );
+        assert_eq!(info.prog_name.as_deref(), Some("probe"));
+        assert_eq!(info.lib_usbmux_version, Some(3));
+        assert!(default_prog_name().is_some(), "the test binary has a name");
+        // Connect's port goes out byte-swapped (PROTOCOL.md §3.4).
+        let xml = PlistRequest {
+            request: Request::Connect {
+                device_id: 1,
+                port: 62078,
+            },
+            client: info,
+        }
+        .to_xml();
+        let text = String::from_utf8(xml).expect("utf-8");
+        assert!(text.contains("<integer>32498</integer>"), "{text}");
+        assert!(text.contains("<string>probe</string>"), "{text}");
+    }
+
+    #[test]
+    fn tags_skip_zero() {
+        let client = Client::with_address(SocketAddress::Unix("/x".into()));
+        client.tag.store(u32::MAX, Ordering::Relaxed);
+        assert_eq!(client.next_tag(), u32::MAX);
+        assert_eq!(client.next_tag(), 1);
+    }
 }
