@@ -359,8 +359,13 @@ impl PairRecordStore {
     }
 }
 
+/// The file of a (validated) id. A new-style UDID sent without its hyphen (the USB serial
+/// form, as some clients do) names the same record as the hyphenated form every tool shows.
 fn record_name(id: &str) -> String {
-    format!("{id}.plist")
+    match id.len() {
+        24 => format!("{}-{}.plist", &id[..8], &id[8..]),
+        _ => format!("{id}.plist"),
+    }
 }
 
 /// A fresh SystemBUID: a random (version 4, RFC 4122 variant) UUID in upper-case hex.
@@ -746,7 +751,9 @@ mod tests {
             }
         }
         store.system_buid().unwrap();
-        let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}.plist")).collect();
+        // The unhyphenated UDID is filed under its hyphenated form.
+        let mut expected: Vec<String> = ids.iter().map(|id| record_name(id)).collect();
+        assert_eq!(expected[1], "00008030-001A2B3C4D5E6F71.plist");
         expected.push(SYSTEM_CONFIGURATION.into());
         expected.sort();
         assert_eq!(listing(&store), expected);
@@ -1037,5 +1044,22 @@ mod tests {
         assert_eq!(err.errno(), 5);
         assert_eq!(PairError::Random("x".into()).errno(), 5);
         assert!(err.to_string().starts_with("/x: "));
+    }
+}
+
+#[cfg(test)]
+mod record_name_test {
+    #[test]
+    fn both_forms_of_a_new_style_udid_name_one_record() {
+        assert_eq!(
+            super::record_name("00008030001A2B3C4D5E6F70"),
+            "00008030-001A2B3C4D5E6F70.plist"
+        );
+        assert_eq!(
+            super::record_name("00008030-001A2B3C4D5E6F70"),
+            "00008030-001A2B3C4D5E6F70.plist"
+        );
+        let legacy = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(super::record_name(legacy), format!("{legacy}.plist"));
     }
 }
