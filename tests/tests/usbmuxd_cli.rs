@@ -224,3 +224,40 @@ fn u_drops_privileges_after_opening_the_socket() {
         );
     }
 }
+
+#[test]
+fn systemd_socket_activation_hands_over_the_listening_socket() {
+    let Some(bin) = binary() else { return };
+    if !require_tool("systemd-socket-activate", "systemd")
+        || !require_tool("idevice_id", "libimobiledevice-utils")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let sock = dir.path().join("activated");
+    // systemd-socket-activate binds the socket and starts usbmuxd on the first client, passing
+    // the listening socket as fd 3 with LISTEN_PID/LISTEN_FDS, as a .socket unit does.
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l")
+        .arg(&sock)
+        .arg(&bin)
+        .args(["-f", "-s", "--no-usb", "-P", "NONE", "-C"])
+        .arg(dir.path().join("lockdown"));
+    let activator = ChildGuard::spawn_captured(&mut cmd).expect("spawn systemd-socket-activate");
+    assert!(wait_for(&sock), "no socket: {}", activator.stderr_text());
+    let list = run_tool(
+        Command::new("idevice_id")
+            .arg("-l")
+            .env("USBMUXD_SOCKET_ADDRESS", format!("UNIX:{}", sock.display())),
+    );
+    assert_eq!(
+        list.code(),
+        Some(0),
+        "{}\n{}",
+        list.stderr,
+        activator.stderr_text()
+    );
+    assert_eq!(list.stdout, "");
+    // Still the same socket after the daemon answered: it was used, not re-bound.
+    assert!(sock.exists());
+}
