@@ -637,3 +637,70 @@ fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+#[test]
+fn a_phone_reset_reaches_a_tcp_client_as_a_reset() {
+    use std::net::TcpStream;
+    let dir = Dir::new("tcp-rst");
+    let d = daemon::start(DaemonConfig {
+        activated: None,
+        socket: SocketSpec::Tcp("127.0.0.1:0".parse().expect("addr")),
+        config_dir: dir.0.join("lockdown"),
+        simulate: vec![PhoneConfig::simulated(1)],
+        sim_sockets: vec![],
+        session: usbmux_core::SessionConfig::default(),
+        trace: None,
+        usb: false,
+    })
+    .expect("daemon");
+    let SocketSpec::Tcp(addr) = d.socket().clone() else {
+        panic!("tcp")
+    };
+    let read_msg = |s: &mut TcpStream| -> (Header, Vec<u8>) {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).expect("header");
+        let header = Header::parse(&h).expect("header");
+        let mut body = vec![0u8; header.length as usize - 16];
+        s.read_exact(&mut body).expect("body");
+        (header, body)
+    };
+    // The device id, from a binary Listen.
+    let mut l = TcpStream::connect(addr).expect("connect");
+    l.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    l.write_all(&BinaryMessage::Listen.to_vec(1).expect("listen"))
+        .expect("send");
+    assert_eq!(read_msg(&mut l).0.message, MessageType::Result);
+    let (h, body) = read_msg(&mut l);
+    assert_eq!(h.message, MessageType::DeviceAdd);
+    let id = u32::from_le_bytes(body[..4].try_into().expect("id"));
+    // Connect to lockdown and make the phone reset the connection (a 2 MiB message length).
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = [0u8; 8];
+    ConnectRequest {
+        device_id: id,
+        port: 62078,
+    }
+    .emit(&mut b)
+    .expect("emit");
+    let mut msg = Header::new(ProtocolVersion::Binary, MessageType::Connect, 2, 8)
+        .expect("h")
+        .to_bytes()
+        .expect("b")
+        .to_vec();
+    msg.extend_from_slice(&b);
+    s.write_all(&msg).expect("connect");
+    let (_, body) = read_msg(&mut s);
+    assert_eq!(body, [0, 0, 0, 0]);
+    s.write_all(&(2u32 << 20).to_be_bytes()).expect("send");
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "an RST, not an orderly close"
+    );
+    d.stop();
+}
