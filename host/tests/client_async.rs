@@ -55,6 +55,7 @@ fn async_listen_stream() {
         session: Default::default(),
         trace: None,
         usb: false,
+        usb_on_demand: false,
     })
     .expect("daemon");
     let client = Client::with_address(SocketAddress::Unix(path));

@@ -27,6 +27,7 @@ fn start(dir: &Path, socket: SocketSpec, phones: Vec<PhoneConfig>) -> RunningDae
         session: Default::default(),
         trace: None,
         usb: false,
+        usb_on_demand: false,
     })
     .expect("daemon")
 }

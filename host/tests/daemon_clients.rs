@@ -45,6 +45,7 @@ fn start(dir: &Path, phones: Vec<PhoneConfig>, sockets: Vec<PathBuf>) -> Running
         session: usbmux_core::SessionConfig::default(),
         trace: None,
         usb: false,
+        usb_on_demand: false,
     })
     .expect("daemon")
 }
@@ -651,6 +652,7 @@ fn a_phone_reset_reaches_a_tcp_client_as_a_reset() {
         session: usbmux_core::SessionConfig::default(),
         trace: None,
         usb: false,
+        usb_on_demand: false,
     })
     .expect("daemon");
     let SocketSpec::Tcp(addr) = d.socket().clone() else {

@@ -67,6 +67,7 @@ impl TestDaemon {
             session: usbmux_core::SessionConfig::default(),
             trace: None,
             usb: false,
+            usb_on_demand: false,
         })
         .expect("start the daemon");
         let address = running.socket().client_address();

@@ -209,19 +209,18 @@ fn u_drops_privileges_after_opening_the_socket() {
         "still {:?}",
         uid_line()
     );
-    // It still serves: the socket was opened before the drop.
+    // It still serves: the socket was opened before the drop (the phone may still be in its
+    // handshake: poll).
     if require_tool("idevice_id", "libimobiledevice-utils") {
-        let list = run_tool(
-            Command::new("idevice_id")
-                .arg("-l")
-                .env("USBMUXD_SOCKET_ADDRESS", format!("UNIX:{}", sock.display())),
-        );
-        assert_eq!(
-            list.stdout.trim(),
-            "00008030-0000000000000001",
-            "{}",
-            list.stderr
-        );
+        let listed = until(Duration::from_secs(10), || {
+            let list = run_tool(
+                Command::new("idevice_id")
+                    .arg("-l")
+                    .env("USBMUXD_SOCKET_ADDRESS", format!("UNIX:{}", sock.display())),
+            );
+            list.stdout.trim() == "00008030-0000000000000001"
+        });
+        assert!(listed, "{}", d.stderr_text());
     }
 }
 
@@ -260,4 +259,45 @@ fn systemd_socket_activation_hands_over_the_listening_socket() {
     assert_eq!(list.stdout, "");
     // Still the same socket after the daemon answered: it was used, not re-bound.
     assert!(sock.exists());
+}
+
+#[test]
+fn a_udev_instance_tells_the_running_one_to_rescan_and_exits() {
+    let Some(bin) = binary() else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let (sock, pid) = (dir.path().join("sock"), dir.path().join("pid"));
+    let mut running = ChildGuard::spawn_captured(
+        Command::new(&bin)
+            .args(["-f", "-n", "-z", "-v", "-S"])
+            .arg(&sock)
+            .arg("-P")
+            .arg(&pid)
+            .arg("-C")
+            .arg(dir.path().join("lockdown")),
+    )
+    .expect("spawn");
+    assert!(wait_for(&sock), "no socket: {}", running.stderr_text());
+    // What udev runs for a new device: `usbmuxd -u`; with one running, it signals and exits 0.
+    let second = run_tool(
+        Command::new(&bin)
+            .args(["-u", "-f", "-v", "-S"])
+            .arg(dir.path().join("sock2"))
+            .arg("-P")
+            .arg(&pid),
+    );
+    assert_eq!(second.code(), Some(0), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("look for new devices"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        !dir.path().join("sock2").exists(),
+        "the second instance did not serve"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        running.try_wait().expect("wait").is_none(),
+        "SIGUSR2 does not end the daemon"
+    );
 }

@@ -27,7 +27,8 @@ struct Cli {
     /// Drop privileges to this user (and its group) once the socket and pidfile are open.
     #[arg(short = 'U', long = "user")]
     user: Option<String>,
-    /// Do not use USB hotplug (accepted for compatibility).
+    /// Do not use USB hotplug or polling: scan for devices at start and on SIGUSR2 (which a
+    /// `usbmuxd -u` started by udev sends to a running instance).
     #[arg(short = 'n', long = "disable-hotplug")]
     disable_hotplug: bool,
     /// Run in udev activation mode (implies -n and -z).
@@ -192,11 +193,19 @@ fn run(cli: Cli) -> Result<(), String> {
         // us must not wait on our output pipes). Logs then go only to -l FILE, which stays open.
         nix::unistd::daemon(false, false).map_err(|e| format!("daemonize: {e}"))?;
     }
-    let _pidfile = match (&cli.pidfile, simulated) {
+    let pidfile_path: Option<PathBuf> = match (&cli.pidfile, simulated) {
         (Some(p), _) if p == "NONE" => None,
-        (Some(p), _) => Some(pidfile::lock(p.as_ref())?),
+        (Some(p), _) => Some(p.into()),
         (None, true) => None,
-        (None, false) => Some(pidfile::lock(SYSTEM_PIDFILE.as_ref())?),
+        (None, false) => Some(SYSTEM_PIDFILE.into()),
+    };
+    let _pidfile = match &pidfile_path {
+        Some(p) => match pidfile::lock_or_notify(p, cli.udev)? {
+            Some(lock) => Some(lock),
+            // udev started us for a new device while one runs: it was told to rescan.
+            None => return Ok(()),
+        },
+        None => None,
     };
     let _ = (
         &cli.user,
@@ -207,6 +216,7 @@ fn run(cli: Cli) -> Result<(), String> {
         cli.no_preflight,
     );
 
+    let signals = signals::register()?;
     let activated = if cli.systemd {
         activation::take()
     } else {
@@ -220,6 +230,8 @@ fn run(cli: Cli) -> Result<(), String> {
         sim_sockets: cli.sim_socket.clone(),
         trace: cli.trace.clone(),
         usb: if simulated { cli.usb } else { !cli.no_usb },
+        // Upstream: -u and -s imply -n (udev or systemd starts us per device).
+        usb_on_demand: cli.disable_hotplug || cli.udev || cli.systemd,
         session: usbmux_core::SessionConfig::default(),
     })
     .map_err(|e| e.to_string())?;
@@ -246,7 +258,17 @@ fn run(cli: Cli) -> Result<(), String> {
     }
     info!("running");
     let stop = d.stopper();
-    signals::install(stop, cli.enable_exit || cli.udev || cli.systemd)?;
+    let rescan = d.usb_rescanner();
+    signals::serve(
+        signals,
+        stop,
+        move || {
+            if let Some(r) = &rescan {
+                r.rescan();
+            }
+        },
+        cli.enable_exit || cli.udev || cli.systemd,
+    )?;
     d.wait();
     Ok(())
 }
@@ -363,6 +385,26 @@ mod pidfile {
         Ok(())
     }
 
+    /// Like [`lock`], but in udev mode (`-u`) a running instance is not an error: it gets
+    /// SIGUSR2 (scan for devices) and `Ok(None)` says this one should exit.
+    pub fn lock_or_notify(path: &Path, udev: bool) -> Result<Option<Pidfile>, String> {
+        match lock(path) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if udev => {
+                let text = std::fs::read_to_string(path).map_err(|_| e.clone())?;
+                let pid: i32 = text.trim().parse().map_err(|_| e.clone())?;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGUSR2,
+                )
+                .map_err(|err| format!("{e}; and signalling it failed: {err}"))?;
+                log::info!("told the running usbmuxd ({pid}) to look for new devices");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Opens the pidfile and takes a POSIX record lock (`fcntl(F_SETLK)`, as upstream usbmuxd
     /// does, so ours and theirs also exclude each other), then writes our pid.
     pub fn lock(path: &Path) -> Result<Pidfile, String> {
@@ -396,12 +438,25 @@ mod pidfile {
 
 mod signals {
     //! SIGINT/SIGTERM end the daemon cleanly (connections are reset, the socket removed);
-    //! SIGUSR1 ends it only if no phone is attached, and only when `-z` allowed it.
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    //! SIGUSR1 ends it only if no phone is attached, and only when `-z` allowed it; SIGUSR2
+    //! makes it scan for USB devices (for `-n`).
+    //!
+    //! The handlers are registered before the socket exists (a client or a `-u` instance may
+    //! signal as soon as it sees the socket: the default action would kill the daemon), and
+    //! served once the daemon runs.
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    use signal_hook::iterator::Signals;
 
-    pub fn install(stop: impl Fn(bool) + Send + 'static, exit_allowed: bool) -> Result<(), String> {
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
-            .map_err(|e| format!("signals: {e}"))?;
+    pub fn register() -> Result<Signals, String> {
+        Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2]).map_err(|e| format!("signals: {e}"))
+    }
+
+    pub fn serve(
+        mut signals: Signals,
+        stop: impl Fn(bool) + Send + 'static,
+        rescan: impl Fn() + Send + 'static,
+        exit_allowed: bool,
+    ) -> Result<(), String> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -409,6 +464,7 @@ mod signals {
                     match sig {
                         SIGUSR1 if exit_allowed => stop(true),
                         SIGUSR1 => log::info!("SIGUSR1 ignored (start with -z to allow it)"),
+                        SIGUSR2 => rescan(),
                         _ => {
                             stop(false);
                             return;

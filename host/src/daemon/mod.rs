@@ -83,6 +83,9 @@ pub struct DaemonConfig {
     pub trace: Option<PathBuf>,
     /// Serve USB phones (libusb hotplug or a 1 s poll). Unavailable USB is logged, not fatal.
     pub usb: bool,
+    /// `-n`: no hotplug and no poll; USB is scanned at start and when the handle from
+    /// [`RunningDaemon::usb_rescanner`] asks.
+    pub usb_on_demand: bool,
 }
 
 /// A running daemon (the control thread and its devices).
@@ -107,6 +110,12 @@ impl RunningDaemon {
     pub fn attach(&self, link: Box<dyn Link>) {
         let _ = self.cmds.send(ControlCmd::Attach(link));
         let _ = self.waker.wake();
+    }
+
+    /// A handle that asks the USB watcher to scan the device list (`-n` mode, SIGUSR2); `None`
+    /// without USB.
+    pub fn usb_rescanner(&self) -> Option<crate::usb::Rescanner> {
+        self.usb.as_ref().map(crate::usb::Watcher::rescanner)
     }
 
     /// Unplugs the phone with this UDID (either form).
@@ -233,13 +242,16 @@ pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
         let (cmds, waker) = (d.cmds.clone(), d.waker.clone());
         // Arrivals become devices; a departure is noticed by the device's own link (its
         // transfers fail), which ends it and tells listeners.
-        let watcher =
-            crate::usb::Watcher::start(crate::usb::WatcherOptions::default(), move |ev| {
-                if let crate::usb::UsbEvent::Arrived(link) = ev {
-                    let _ = cmds.send(ControlCmd::Attach(Box::new(link)));
-                    let _ = waker.wake();
-                }
-            });
+        let options = crate::usb::WatcherOptions {
+            on_demand: cfg.usb_on_demand,
+            ..Default::default()
+        };
+        let watcher = crate::usb::Watcher::start(options, move |ev| {
+            if let crate::usb::UsbEvent::Arrived(link) = ev {
+                let _ = cmds.send(ControlCmd::Attach(Box::new(link)));
+                let _ = waker.wake();
+            }
+        });
         d.usb = watcher.ok();
     }
     for path in cfg.sim_sockets {

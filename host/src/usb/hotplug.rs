@@ -53,6 +53,10 @@ pub struct WatcherOptions {
     pub force_poll: bool,
     /// Period of the device-list poll.
     pub poll_interval: Duration,
+    /// usbmuxd's `-n`: no hotplug and no periodic poll; the device list is scanned at start and
+    /// again whenever [`Watcher::rescan`] asks (upstream: a `-u` instance started by udev
+    /// signals the running one).
+    pub on_demand: bool,
     /// Attempts to open a device that fails with a USB error before giving up on it.
     pub open_attempts: u32,
     /// Buffer sizes of the links created.
@@ -64,6 +68,7 @@ impl Default for WatcherOptions {
         WatcherOptions {
             force_poll: false,
             poll_interval: Duration::from_secs(1),
+            on_demand: false,
             open_attempts: 3,
             pipe: PipeConfig::default(),
         }
@@ -113,28 +118,56 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct StopFlag {
-    stopped: Mutex<bool>,
+    /// (stopped, rescan requested)
+    stopped: Mutex<(bool, bool)>,
     cond: Condvar,
 }
 
 impl StopFlag {
     fn is_set(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
+        self.stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
     }
 
     fn set(&self) {
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0 = true;
         self.cond.notify_all();
     }
 
-    /// Sleeps up to `timeout`; true if stopped.
+    fn request_rescan(&self) {
+        self.stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1 = true;
+        self.cond.notify_all();
+    }
+
+    /// Sleeps up to `timeout` or until a rescan is requested (which it consumes); true if
+    /// stopped.
     fn wait(&self, timeout: Duration) -> bool {
         let guard = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
-        let (guard, _) = self
+        let (mut guard, _) = self
             .cond
-            .wait_timeout_while(guard, timeout, |stopped| !*stopped)
+            .wait_timeout_while(guard, timeout, |(stopped, rescan)| !*stopped && !*rescan)
             .unwrap_or_else(PoisonError::into_inner);
-        *guard
+        guard.1 = false;
+        guard.0
+    }
+}
+
+/// Asks a [`Watcher`] to scan the device list; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Rescanner(Arc<StopFlag>);
+
+impl Rescanner {
+    /// Requests a scan (the watcher thread does it).
+    pub fn rescan(&self) {
+        self.0.request_rescan();
     }
 }
 
@@ -207,7 +240,7 @@ impl Watcher {
             pending: Vec::new(),
         };
         let (tx, rx) = mpsc::channel();
-        let registration = if options.force_poll || !rusb::has_hotplug() {
+        let registration = if options.force_poll || options.on_demand || !rusb::has_hotplug() {
             None
         } else {
             match rusb::HotplugBuilder::new()
@@ -227,6 +260,8 @@ impl Watcher {
             "USB: watching for devices ({}; libusb {}.{}.{})",
             if hotplug {
                 "hotplug".to_string()
+            } else if options.on_demand {
+                "scanning on request only (-n)".to_string()
             } else {
                 format!("polling every {} ms", options.poll_interval.as_millis())
             },
@@ -254,6 +289,17 @@ impl Watcher {
             hotplug,
             thread: Some(thread),
         })
+    }
+
+    /// Scans the device list now (for `-n`: a new device was announced by udev). Harmless in
+    /// the other modes.
+    pub fn rescan(&self) {
+        self.stop.request_rescan();
+    }
+
+    /// A handle that asks for [`Watcher::rescan`] from another thread (a signal handler's).
+    pub fn rescanner(&self) -> Rescanner {
+        Rescanner(Arc::clone(&self.stop))
     }
 
     /// Whether libusb hotplug events drive the watcher (false: polling).
@@ -376,6 +422,11 @@ impl State {
                 .map_or(self.options.poll_interval, |d| {
                     d.min(self.options.poll_interval)
                 });
+            // -n: between scans only an open retry or a rescan request wakes the thread.
+            let wait = match (self.options.on_demand, next_retry) {
+                (true, None) => Duration::from_secs(3600),
+                _ => wait,
+            };
             if stop.wait(wait) {
                 break;
             }

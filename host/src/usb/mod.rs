@@ -50,7 +50,7 @@ mod link;
 pub mod matching;
 
 pub use device::{descriptor_info, OpenError};
-pub use hotplug::{open_context, UsbEvent, UsbUnavailable, Watcher, WatcherOptions};
+pub use hotplug::{open_context, Rescanner, UsbEvent, UsbUnavailable, Watcher, WatcherOptions};
 pub use identity::{location_id, speed_bps, udid_from_serial, UsbLocation};
 pub use link::{BulkIo, PipeConfig, PipeStats, UsbLink};
 pub use matching::{choose_interface, AppleDeviceKind, Rejection, UsbmuxInterface};
