@@ -688,8 +688,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 return Outcome::Ok;
             }
         }
-        if flags.contains(Flags::SYN) || !(flags.contains(Flags::ACK) || flags.contains(Flags::FIN))
-        {
+        // After the handshake every segment carries ACK (RFC 793; usbmuxd and phones always set
+        // it). Without it — e.g. an RST whose flags were corrupted into FIN — the payload is not
+        // stream data and must not be taken for it.
+        if flags.contains(Flags::SYN) || !flags.contains(Flags::ACK) {
             self.close(
                 ResetReason::formatted(
                     ResetKind::BadFlags,

@@ -1087,3 +1087,15 @@ fn unacknowledged_data_is_probed_so_a_lost_packet_is_found() {
     assert!(p.host_has(|e| matches!(e, Event::Reset { id: i, reason } if *i == id && reason.kind == ResetKind::UnexpectedSeq)));
     assert!(p.dev_has(|e| matches!(e, Event::Reset { id: i, reason } if *i == dev && reason.text().starts_with(b"unexpected sequence number"))));
 }
+
+#[test]
+fn a_segment_without_ack_is_never_taken_as_data() {
+    // An RST whose flags were corrupted into a bare FIN: its reason text must not become data.
+    let mut p = Pair::connected();
+    let a = p.connect(7);
+    let sport = p.host.connection(a).unwrap().local_port();
+    inject_to_host(&mut p, 7, sport, 1, 1, 0x01, 512, b"connect timed out");
+    p.drive();
+    assert_eq!(p.host.recv(a, &mut [0u8; 64]), Err(RecvError::Finished));
+    assert!(p.host_has(|e| matches!(e, Event::Reset { id, reason } if *id == a && reason.kind == ResetKind::BadFlags)));
+}

@@ -5,8 +5,11 @@
 //! stream offset k equals the sender's byte k) for as long as the connection lives and for the
 //! data read after it ended — a fault may only ever end a connection, never alter its bytes;
 //! pools stay bounded. Corruption is limited to header fields that carry no payload identity
-//! (mux header, seq, offset/flags/window): usbmux has no checksum, so a corrupted payload byte or
-//! port is undetectable by design and not a bug of this engine.
+//! (mux protocol, magic and sequence counters, TCP seq, data offset, window): usbmux has no
+//! checksum, so a corrupted payload byte, port, flags byte (an RST turned into FIN|ACK makes its
+//! reason text look like data) or — on the host's byte-stream side — mux length (a longer one
+//! swallows the next packet's bytes as payload) is undetectable by design, not a bug of this
+//! engine (`firmware-sim`'s fault table documents those outcomes).
 #![no_main]
 
 use std::collections::VecDeque;
@@ -47,6 +50,8 @@ struct Stream {
 }
 
 struct Conn {
+    /// Stable identity of the connection's streams (indices shift when one is removed).
+    tag: usize,
     host: ConnId,
     dev: Option<ConnId>,
     /// [host → device, device → host]
@@ -54,10 +59,9 @@ struct Conn {
 }
 
 fn corrupt(pkt: &mut [u8], at: u8, xor: u8) {
-    // Mux header bytes 0..16, TCP seq 20..24 (after a 16-byte header), offset/flags/window 28..32.
-    const FIELDS: [usize; 28] = [
-        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31, 28, 29, 30, 31,
-    ];
+    // Mux protocol 0..4, magic and counters 8..16, TCP seq 20..24 (after a 16-byte header),
+    // data offset 28, window 30..32.
+    const FIELDS: [usize; 22] = [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 28, 30, 31, 28, 30, 31];
     let i = FIELDS[at as usize % FIELDS.len()];
     if let Some(b) = pkt.get_mut(i) {
         *b ^= xor | 1;
@@ -86,6 +90,7 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut dev = Box::new(Session::<Device, Vec<u8>, 4, 0>::new(SessionConfig::default()));
     let mut now = Instant::ZERO;
     let mut conns: Vec<Conn> = Vec::new();
+    let mut next_tag = 0usize;
     let mut to_dev: VecDeque<Vec<u8>> = VecDeque::new();
     let mut to_host: VecDeque<Vec<u8>> = VecDeque::new();
     let mut buf = vec![0u8; 65536];
@@ -94,7 +99,8 @@ fuzz_target!(|ops: Vec<Op>| {
         match op {
             Op::Connect => {
                 if let Ok(id) = host.connect(7, Buffers::new(vec![0; 2048], vec![0; 2048])) {
-                    conns.push(Conn { host: id, dev: None, streams: [Stream { sent: 0, read: 0 }, Stream { sent: 0, read: 0 }] });
+                    next_tag += 1;
+                    conns.push(Conn { tag: next_tag, host: id, dev: None, streams: [Stream { sent: 0, read: 0 }, Stream { sent: 0, read: 0 }] });
                 }
             }
             Op::HostSend(i, n) | Op::DevSend(i, n) if !conns.is_empty() => {
@@ -102,7 +108,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let ci = i as usize % conns.len();
                 let c = &mut conns[ci];
                 let d = if host_side { 0 } else { 1 };
-                let data: Vec<u8> = (0..u64::from(n % 4096)).map(|k| byte_at(ci, d, c.streams[d].sent + k)).collect();
+                let data: Vec<u8> = (0..u64::from(n % 4096)).map(|k| byte_at(c.tag, d, c.streams[d].sent + k)).collect();
                 let r = if host_side { host.send(c.host, &data) } else if let Some(id) = c.dev { dev.send(id, &data) } else { Ok(0) };
                 if let Ok(m) = r {
                     c.streams[d].sent += m as u64;
@@ -119,7 +125,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     for (k, &b) in scratch[..m].iter().enumerate() {
                         let off = c.streams[d].read + k as u64;
                         assert!(off < c.streams[d].sent, "more bytes arrived than were sent");
-                        assert_eq!(b, byte_at(ci, d, off), "byte {off} of stream {ci}/{d} altered");
+                        assert_eq!(b, byte_at(c.tag, d, off), "byte {off} of stream {}/{d} altered", c.tag);
                     }
                     c.streams[d].read += m as u64;
                 }
