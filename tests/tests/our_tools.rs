@@ -250,3 +250,56 @@ fn usbmuxctl_list_listen_buid_pair_records() {
     );
     assert_ne!(bad.code(), Some(0));
 }
+
+#[test]
+fn inetcat_quiet_wait() {
+    let d = TestDaemon::start(vec![PhoneConfig::simulated(1)]);
+    d.wait_for_devices(&[&sim_udid(1)]);
+    let Some(bin) = ours("inetcat") else { return };
+    let bin = bin.to_str().expect("utf-8").to_owned();
+    // -q -1: after its input ends it waits for the device to close. The phone's lockdown resets
+    // a connection that announces a 2 MiB message: inetcat then ends, successfully.
+    let mut cmd = d.command(&bin);
+    cmd.args(["-q", "-1", "62078"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&(2u32 << 20).to_be_bytes())
+        .expect("write");
+    let t0 = std::time::Instant::now();
+    let status = poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten())
+        .expect("inetcat ended");
+    assert!(status.success());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Default -q 1: echo keeps the connection open, so inetcat ends about a second after its
+    // input, with every reply written.
+    let mut cmd = d.command(&bin);
+    cmd.arg("7").stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"last words")
+        .expect("write");
+    let t0 = std::time::Instant::now();
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut out)
+        .expect("read");
+    let status = child.wait().expect("wait");
+    assert!(status.success());
+    assert_eq!(out, b"last words");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
