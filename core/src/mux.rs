@@ -942,7 +942,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         }
         let payload = packet.payload();
         match protocol {
-            Protocol::Version => self.on_version(now, payload),
+            Protocol::Version => self.on_version(payload),
             Protocol::Control if R::IS_HOST => self.on_control(payload),
             Protocol::Setup if !R::IS_HOST => {
                 trace!("SETUP received");
@@ -976,12 +976,9 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         }
     }
 
-    fn on_version(&mut self, now: Instant, payload: &[u8]) {
-        let Ok(vp) = wire::VersionPacket::new_checked(payload) else {
-            self.stats.dropped_malformed += 1;
-            return;
-        };
-        let Ok(v) = VersionRepr::parse(&vp) else {
+    fn on_version(&mut self, payload: &[u8]) {
+        let Ok(v) = wire::VersionPacket::new_checked(payload).and_then(|p| VersionRepr::parse(&p))
+        else {
             self.stats.dropped_malformed += 1;
             return;
         };
@@ -1019,7 +1016,6 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
                 self.close_all(ResetKind::PeerRestarted);
                 self.push_event(Event::PeerRestarted);
             }
-            let _ = now;
             let answer = if v.major >= 2 && self.cfg.device_version >= 2 {
                 2
             } else {
@@ -1057,11 +1053,8 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     }
 
     fn on_control(&mut self, payload: &[u8]) {
-        let Ok(cp) = wire::ControlPacket::new_checked(payload) else {
-            self.stats.dropped_malformed += 1;
-            return;
-        };
-        let Ok(c) = ControlRepr::parse(&cp) else {
+        let Ok(c) = wire::ControlPacket::new_checked(payload).and_then(|p| ControlRepr::parse(&p))
+        else {
             self.stats.dropped_malformed += 1;
             return;
         };

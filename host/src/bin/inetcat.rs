@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use usbmux_host::client::Client;
 use usbmux_host::tools::DeviceFilter;
 
 /// Connect standard input and output to a TCP port on a device (over usbmuxd).
@@ -59,13 +58,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), String> {
-    let client = match &cli.socket {
-        Some(a) => Client::with_address(
-            usbmux_host::client::SocketAddress::parse(a).map_err(|e| e.to_string())?,
-        ),
-        None => Client::new().map_err(|e| e.to_string())?,
-    }
-    .with_prog_name(Some("inetcat".into()));
+    let client = usbmux_host::tools::client(cli.socket.as_deref(), "inetcat")?;
     let filter = DeviceFilter {
         udid: cli.udid.clone(),
         usb_only: cli.local,

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use usbmux_host::client::{Client, SocketAddress};
+use usbmux_host::client::Client;
 use usbmux_host::tools::{pump, DeviceFilter};
 
 const ABOUT: &str = "Forward local TCP ports to TCP ports on a device, through usbmuxd.
@@ -92,11 +92,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     let pairs = parse_pairs(&cli.pairs)?;
-    let client = match &cli.socket {
-        Some(a) => Client::with_address(SocketAddress::parse(a).map_err(|e| e.to_string())?),
-        None => Client::new().map_err(|e| e.to_string())?,
-    }
-    .with_prog_name(Some("iproxy".into()));
+    let client = usbmux_host::tools::client(cli.socket.as_deref(), "iproxy")?;
     let ctx = Arc::new(Ctx {
         client,
         filter: DeviceFilter {

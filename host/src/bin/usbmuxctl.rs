@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use usbmux_host::client::{Client, ConnectionType, Device, DeviceEvent, SocketAddress};
+use usbmux_host::client::{ConnectionType, Device, DeviceEvent};
 use usbmux_host::tools::{pump, DeviceFilter};
 
 /// Inspect and use a running usbmuxd.
@@ -108,11 +108,7 @@ fn device_json(d: &Device) -> serde_json::Value {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let client = match &cli.socket {
-        Some(a) => Client::with_address(SocketAddress::parse(a).map_err(|e| e.to_string())?),
-        None => Client::new().map_err(|e| e.to_string())?,
-    }
-    .with_prog_name(Some("usbmuxctl".into()));
+    let client = usbmux_host::tools::client(cli.socket.as_deref(), "usbmuxctl")?;
     let err = |e: usbmux_host::client::ClientError| e.to_string();
     match cli.command {
         Command::List { json } => {

@@ -207,14 +207,8 @@ fn run(cli: Cli) -> Result<(), String> {
         },
         None => None,
     };
-    let _ = (
-        &cli.user,
-        cli.disable_hotplug,
-        cli.udev,
-        cli.systemd,
-        cli.enable_exit,
-        cli.no_preflight,
-    );
+    // -p: there is no preflight (pairing) yet, so there is nothing to skip.
+    let _ = cli.no_preflight;
 
     let signals = signals::register()?;
     let activated = if cli.systemd {

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use log::{debug, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
-use usbmux_core::mux::{ConnectError, RecvError};
+use usbmux_core::mux::RecvError;
 use usbmux_core::{Buffers, ConnId, Event, Host, Instant, Session, SessionConfig};
 
 use super::stream::ClientStream;
@@ -347,7 +347,6 @@ impl Device {
                     self.device_id
                 );
                 let _ = stream.write_all_bounded(&refused, std::time::Duration::from_secs(1));
-                let _ = matches!(e, ConnectError::PoolFull);
             }
         }
     }

@@ -3,7 +3,14 @@
 
 use std::io::{self, Read, Write};
 
-use crate::client::{Client, ClientError, ConnectionType, Device};
+use crate::client::{Client, ClientError, ConnectionType, Device, SocketAddress};
+
+/// The client a tool talks through: the `--socket` address when given, else
+/// `USBMUXD_SOCKET_ADDRESS`, else the platform default; requests carry `prog_name`.
+pub fn client(socket: Option<&str>, prog_name: &str) -> Result<Client, String> {
+    let address = SocketAddress::resolve(socket).map_err(|e| e.to_string())?;
+    Ok(Client::with_address(address).with_prog_name(Some(prog_name.into())))
+}
 
 /// Which devices a tool may use (`-u`, `-l`, `-n` of libusbmuxd's tools).
 #[derive(Debug, Clone, Default)]
