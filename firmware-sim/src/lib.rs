@@ -5,6 +5,8 @@ pub mod config;
 pub mod demo;
 pub mod digest;
 pub mod faults;
+#[cfg(all(feature = "functionfs", target_os = "linux"))]
+pub mod gadget;
 pub mod identity;
 pub mod lockdown;
 pub mod phone;

@@ -12,12 +12,65 @@ use usbmux_sim::PhoneConfig;
 ///
 /// It runs the device side of Apple's usbmux protocol (the same engine as the host, in the
 /// device role) with echo (7), discard (9), source (19), digest (1999) and a locked lockdown
-/// (62078) service. Without a command it runs the demo.
+/// (62078) service. Without a command it runs the demo; with --functionfs it is a real USB
+/// device on Linux (FunctionFS, optionally with its configfs gadget).
 #[derive(Parser)]
-#[command(name = "usbmux-sim", version, about, long_about)]
+#[command(
+    name = "usbmux-sim",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    gadget: GadgetArgs,
+}
+
+/// The phone as a USB gadget (Linux, feature `functionfs`).
+#[derive(Args)]
+struct GadgetArgs {
+    /// Be the phone behind the FunctionFS instance mounted at DIR: write its descriptors (one
+    /// usbmux interface ff/fe/02, bulk OUT = ep1, bulk IN = ep2) to DIR/ep0 and serve; every
+    /// ENABLE plugs a fresh phone, DISABLE/UNBIND unplugs it. Without --configfs somebody else
+    /// creates the gadget and binds the UDC once "usbmux-sim: functionfs DIR ready" is printed.
+    #[arg(long, value_name = "DIR")]
+    functionfs: Option<PathBuf>,
+    /// Phone settings in TOML (the format of `serve --config`); the phone used is --phone K.
+    #[arg(long, value_name = "FILE", requires = "functionfs")]
+    config: Option<PathBuf>,
+    /// Which phone of --config to be (from 1); without --config the default identity of
+    /// phone K (UDID 00008030-000000000000000K in hex).
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "functionfs",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    phone: u32,
+    /// Also create configfs gadget NAME (/sys/kernel/config/usb_gadget/NAME: Apple's vendor id,
+    /// the phone's product id and UDID as serial, function ffs.NAME), mount its FunctionFS at
+    /// DIR, bind it to a UDC and print "usbmux-sim: gadget NAME bound to UDC U (udid ...)". On
+    /// SIGINT/SIGTERM the gadget is unbound and removed.
+    #[arg(long, value_name = "NAME", requires = "functionfs")]
+    configfs: Option<String>,
+    /// The device controller for --configfs (default: the first in /sys/class/udc that no
+    /// gadget uses).
+    #[arg(long, value_name = "UDC", requires = "configfs")]
+    udc: Option<String>,
+    /// bInterfaceSubClass of the usbmux interface (default 0xfe; other values test how hosts
+    /// match the interface). Decimal or 0x-hex.
+    #[arg(long, value_name = "N", value_parser = parse_u8, requires = "functionfs")]
+    subclass: Option<u8>,
+    /// Log every FunctionFS event, stalled request and phone event (connections) on stderr.
+    #[arg(long, short, requires = "functionfs")]
+    verbose: bool,
+}
+
+fn parse_u8(s: &str) -> Result<u8, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u8::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?}: {e} (0..=255, decimal or 0x-hex)"))
 }
 
 #[derive(Subcommand)]
@@ -69,6 +122,15 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = cli.gadget.functionfs.clone() {
+        return match gadget::run(cli.gadget, &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("usbmux-sim: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.command.unwrap_or(Command::Demo) {
         Command::Demo => usbmux_sim::demo::run()
             .map(|out| print!("{out}"))
@@ -141,5 +203,174 @@ fn dump(file: &Path) -> Result<(), String> {
     match r {
         Ok(_) => Ok(()),
         Err(e) => Err(format!("{}: {e}", file.display())),
+    }
+}
+
+/// `--functionfs` where it is not built.
+#[cfg(not(all(feature = "functionfs", target_os = "linux")))]
+mod gadget {
+    use std::path::Path;
+
+    pub(crate) fn run(_args: super::GadgetArgs, _dir: &Path) -> Result<(), String> {
+        Err("--functionfs needs Linux and the `functionfs` feature".into())
+    }
+}
+
+/// `--functionfs DIR [--configfs NAME]`: the phone as a USB gadget.
+#[cfg(all(feature = "functionfs", target_os = "linux"))]
+mod gadget {
+    use std::io::Write;
+    use std::path::Path;
+
+    use nix::sys::signal::{SigSet, Signal};
+    use usbmux_core::Event;
+    use usbmux_sim::gadget::configfs::{self, ConfigfsGadget, GadgetSpec};
+    use usbmux_sim::gadget::{descriptors, functionfs, GadgetEvent, Runner};
+    use usbmux_sim::PhoneConfig;
+
+    use super::GadgetArgs;
+
+    fn phone_config(args: &GadgetArgs) -> Result<PhoneConfig, String> {
+        let k = args.phone;
+        match &args.config {
+            None => Ok(PhoneConfig::simulated(k)),
+            Some(path) => {
+                let cfgs = super::load_config(path)?;
+                let n = cfgs.len();
+                usize::try_from(k - 1)
+                    .ok()
+                    .and_then(|i| cfgs.into_iter().nth(i))
+                    .ok_or_else(|| format!("--phone {k}: {} describes {n} phones", path.display()))
+            }
+        }
+    }
+
+    /// The stderr line for `ev`, if it is worth one (`verbose`: nearly everything).
+    fn describe(ev: &GadgetEvent, verbose: bool) -> Option<String> {
+        Some(match ev {
+            GadgetEvent::Plugged {
+                plug,
+                max_packet_size,
+            } => format!("plugged in (#{plug}, wMaxPacketSize {max_packet_size})"),
+            GadgetEvent::Unplugged { plug, cause } => format!("unplugged (#{plug}, {cause:?})"),
+            GadgetEvent::EndpointFailed { endpoint, error } => {
+                format!("{endpoint} failed: {error}")
+            }
+            GadgetEvent::Ep0Garbage(e) => format!("ep0: {e}"),
+            _ if !verbose => return None,
+            GadgetEvent::Ep0(e) => format!("ep0 event {e:?}"),
+            GadgetEvent::Stalled(r) => format!("stalled SETUP {r:?}"),
+            GadgetEvent::EndpointDown { endpoint } => format!("{endpoint} endpoint disabled"),
+            GadgetEvent::OutDropped { len } => {
+                format!("OUT transfer of {len} bytes while unplugged: dropped")
+            }
+            GadgetEvent::Phone(Event::Readable(_) | Event::Writable(_)) => return None,
+            GadgetEvent::Phone(e) => format!("phone: {e:?}"),
+        })
+    }
+
+    pub(crate) fn run(args: GadgetArgs, dir: &Path) -> Result<(), String> {
+        let cfg = phone_config(&args)?;
+        // Before any thread exists, so every thread inherits the mask and only the waiter
+        // below takes these signals.
+        let mut signals = SigSet::empty();
+        signals.add(Signal::SIGINT);
+        signals.add(Signal::SIGTERM);
+        signals
+            .thread_block()
+            .map_err(|e| format!("cannot block signals: {e}"))?;
+        let mut gadget: Option<ConfigfsGadget> = None;
+        let result = serve(&args, dir, cfg, signals, &mut gadget);
+        if let Some(g) = gadget {
+            for e in g.remove() {
+                eprintln!("usbmux-sim: removing the gadget: {e}");
+            }
+        }
+        result
+    }
+
+    fn serve(
+        args: &GadgetArgs,
+        dir: &Path,
+        cfg: PhoneConfig,
+        signals: SigSet,
+        gadget: &mut Option<ConfigfsGadget>,
+    ) -> Result<(), String> {
+        let udid = cfg.identity.udid.clone();
+        if let Some(name) = &args.configfs {
+            let spec = GadgetSpec::from_identity(&cfg.identity);
+            let root = Path::new(configfs::CONFIGFS_GADGETS);
+            let g = gadget.insert(
+                ConfigfsGadget::create(root, name, &spec).map_err(|e| format!("configfs: {e}"))?,
+            );
+            g.mount_functionfs(dir)
+                .map_err(|e| format!("mount functionfs: {e}"))?;
+        }
+        let subclass = args.subclass.unwrap_or(descriptors::USBMUX_SUBCLASS);
+        let eps = functionfs::open(
+            dir,
+            &descriptors::usbmux_function(subclass).to_bytes(),
+            &descriptors::usbmux_strings(),
+        )
+        .map_err(|e| e.to_string())?;
+        let verbose = args.verbose;
+        let runner = Runner::new(cfg).on_event(move |ev| {
+            if let Some(line) = describe(ev, verbose) {
+                eprintln!("usbmux-sim: {line}");
+            }
+        });
+        let stopper = runner.stopper();
+        std::thread::Builder::new()
+            .name("usbmux-sim signals".into())
+            .spawn(move || {
+                if let Ok(sig) = signals.wait() {
+                    eprintln!("usbmux-sim: {sig}: stopping");
+                    stopper.stop();
+                }
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        let mut stdout = std::io::stdout();
+        match gadget.as_mut() {
+            Some(g) => {
+                let candidates = match &args.udc {
+                    Some(u) => vec![u.clone()],
+                    None => configfs::free_udcs(
+                        Path::new(configfs::UDC_CLASS),
+                        Path::new(configfs::CONFIGFS_GADGETS),
+                    )
+                    .map_err(|e| format!("{}: {e}", configfs::UDC_CLASS))?,
+                };
+                let mut last = format!("no free UDC in {}", configfs::UDC_CLASS);
+                for udc in &candidates {
+                    // Another gadget may take a UDC between the listing and the bind: try the
+                    // next one.
+                    match g.bind(udc) {
+                        Ok(()) => break,
+                        Err(e) => last = format!("bind: {e}"),
+                    }
+                }
+                let Some(udc) = g.udc() else {
+                    return Err(last);
+                };
+                let _ = writeln!(
+                    stdout,
+                    "usbmux-sim: gadget {} bound to UDC {udc} (udid {udid})",
+                    g.name()
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    stdout,
+                    "usbmux-sim: functionfs {} ready (udid {udid})",
+                    dir.display()
+                );
+            }
+        }
+        let _ = stdout.flush();
+        let stats = runner.run(eps).map_err(|e| e.to_string())?;
+        if verbose {
+            eprintln!("usbmux-sim: {stats:?}");
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,125 @@
+//! The real FunctionFS files: `DIR/ep0` gets the descriptors and strings, then the endpoint
+//! files appear — `DIR/ep1` (bulk OUT) and `DIR/ep2` (bulk IN), numbered in descriptor order
+//! (see [`super::descriptors`]).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::Endpoints;
+
+/// A FunctionFS step that failed: which file, and the system's error.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {what}: {source}")]
+pub struct FunctionFsError {
+    /// The file concerned.
+    pub path: PathBuf,
+    /// The step ("open", "write descriptors", ...).
+    pub what: &'static str,
+    /// What the kernel said.
+    #[source]
+    pub source: io::Error,
+}
+
+/// The IN endpoint, shared by the writer thread and the packet-size query.
+#[derive(Debug, Clone)]
+pub struct InFile(Arc<File>);
+
+impl Write for InFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+mod ioctl {
+    nix::ioctl_read!(
+        /// `FUNCTIONFS_ENDPOINT_DESC`: `_IOR('g', 130, struct usb_endpoint_descriptor)`, a 9-byte
+        /// structure; the kernel copies the endpoint's descriptor for the speed in use.
+        ffs_endpoint_desc,
+        b'g',
+        130,
+        [u8; 9]
+    );
+}
+
+/// The `wMaxPacketSize` the endpoint uses at the current speed; `None` while it is disabled or
+/// if the kernel does not answer.
+pub fn endpoint_max_packet_size(file: &File) -> Option<u16> {
+    let mut desc = [0u8; 9];
+    // SAFETY: the ioctl writes at most the 9 bytes its number encodes into `desc`, which lives
+    // for the whole call; the descriptor is opened with O_NONBLOCK so the call cannot wait.
+    let r = unsafe { ioctl::ffs_endpoint_desc(file.as_raw_fd(), &mut desc) };
+    match r {
+        Ok(_) if desc[0] >= 7 && desc[1] == super::descriptors::DT_ENDPOINT => {
+            Some(u16::from_le_bytes([desc[4], desc[5]]) & 0x07ff)
+        }
+        _ => None,
+    }
+}
+
+/// Writes `descriptors` and `strings` to `dir/ep0` (each in one write, as FunctionFS requires)
+/// and opens the two endpoint files. From then on the function exists: a gadget linking it can
+/// be bound to a UDC. `ep0` must stay open for as long as the function should.
+///
+/// The IN endpoint is opened with `O_NONBLOCK`, which in FunctionFS only means "fail with
+/// `EAGAIN` instead of waiting while the endpoint is disabled": a packet of an unplugged phone is
+/// dropped rather than sent to the next host session. Transfers themselves still block until
+/// done.
+pub fn open(
+    dir: &Path,
+    descriptors: &[u8],
+    strings: &[u8],
+) -> Result<Endpoints<File, File, InFile>, FunctionFsError> {
+    let path = dir.join("ep0");
+    let err = |path: &Path, what: &'static str| {
+        let path = path.to_path_buf();
+        move |source| FunctionFsError { path, what, source }
+    };
+    let mut ep0 = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(err(&path, "open"))?;
+    for (blob, what) in [
+        (descriptors, "write descriptors"),
+        (strings, "write strings"),
+    ] {
+        let n = ep0.write(blob).map_err(err(&path, what))?;
+        if n != blob.len() {
+            return Err(FunctionFsError {
+                path,
+                what,
+                source: io::Error::other(format!("short write: {n} of {} bytes", blob.len())),
+            });
+        }
+    }
+    let out_path = dir.join("ep1");
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&out_path)
+        .map_err(err(&out_path, "open"))?;
+    let in_path = dir.join("ep2");
+    let inp = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&in_path)
+            .map_err(err(&in_path, "open"))?,
+    );
+    let probe = Arc::clone(&inp);
+    Ok(Endpoints {
+        ep0,
+        out,
+        inp: InFile(inp),
+        max_packet_size: Box::new(move || endpoint_max_packet_size(&probe)),
+    })
+}

@@ -1,0 +1,523 @@
+//! The simulated phone as a real USB device: a Linux FunctionFS function (`usbmux-sim
+//! --functionfs DIR`), optionally with its configfs gadget (`--configfs NAME`).
+//!
+//! The same code is the shape of a usbmux gateway on a board with a USB device controller: the
+//! kernel does the bus, this module turns endpoint files into a device-role [`Phone`].
+//!
+//! # How it runs
+//!
+//! [`Runner::run`] owns the phone and three threads feed it through one channel:
+//!
+//! - **ep0**: reads FunctionFS events ([`ep0`]). SETUP requests are stalled right there (the
+//!   function answers none; the kernel wants the answer before the next read of `ep0`). ENABLE
+//!   starts a fresh phone; DISABLE and UNBIND unplug it (the phone and all its connections are
+//!   dropped) until the next ENABLE.
+//! - **OUT**: reads the bulk OUT endpoint with a [`DEVICE_READ_LEN`]-byte buffer. A read ends at
+//!   the host's short packet or ZLP, so each read is one transfer as the host sent it, handed to
+//!   the phone whole (strict framing, as on an iPhone; an empty read is a ZLP). A read that fails
+//!   with `ESHUTDOWN` means the endpoint was disabled: an unplug, not an error.
+//! - **IN**: writes each packet the phone emits as one transfer, then a zero-length write when
+//!   the ZLP rule asks for it ([`usbmux_core::usb::needs_zlp`] with the packet size of the speed
+//!   the host enumerated, which [`Endpoints::max_packet_size`] reports). Writes block until the
+//!   host has read the transfer; at most [`IN_FLIGHT`] packets wait for the writer, then the
+//!   phone is not asked for more. Packets of an unplugged phone are dropped, never written to
+//!   the next host session.
+//!
+//! The endpoints are generic ([`std::io::Read`]/[`std::io::Write`]), so the whole runner is
+//! tested against in-memory fakes; [`functionfs`] opens the real files.
+
+pub mod configfs;
+pub mod descriptors;
+pub mod ep0;
+pub mod functionfs;
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use usbmux_core::usb::{needs_zlp, MAX_PACKET};
+use usbmux_core::Instant;
+
+use crate::cable::DEVICE_READ_LEN;
+use crate::phone::{Phone, PhoneConfig};
+use ep0::{Ep0Error, Event, SetupRequest, EVENT_SIZE};
+
+/// Packets handed to the IN writer and not yet written, at most.
+pub const IN_FLIGHT: usize = 32;
+
+/// Messages the reader threads may queue for the runner before they wait.
+const QUEUE: usize = 256;
+
+/// Events read from `ep0` at once.
+const EVENTS_PER_READ: usize = 4;
+
+/// A pause after an endpoint reported itself disabled, so a kernel (or fake) that keeps
+/// answering `ESHUTDOWN` without blocking cannot make the reader spin.
+const DOWN_PAUSE: Duration = Duration::from_millis(10);
+
+/// The endpoint files of one FunctionFS function, as the runner uses them.
+pub struct Endpoints<C, O, I> {
+    /// `ep0`: events are read from it; a zero-length read or write stalls a SETUP.
+    pub ep0: C,
+    /// The bulk OUT endpoint: each `read` returns one transfer (0 bytes = a ZLP), or fails with
+    /// `ESHUTDOWN` when the endpoint is disabled.
+    pub out: O,
+    /// The bulk IN endpoint: each `write` is one transfer (an empty one is a ZLP); fails with
+    /// `ESHUTDOWN` or `EAGAIN` when the endpoint is disabled.
+    pub inp: I,
+    /// Called at each ENABLE: the IN endpoint's `wMaxPacketSize` at the speed the host
+    /// enumerated (64 full speed, 512 high speed); `None` keeps the phone's configured size.
+    pub max_packet_size: Box<dyn FnMut() -> Option<u16> + Send>,
+}
+
+impl<C, O, I> fmt::Debug for Endpoints<C, O, I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoints").finish_non_exhaustive()
+    }
+}
+
+/// What the runner did, for logs and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GadgetEvent {
+    /// An event read from `ep0`.
+    Ep0(Event),
+    /// `ep0` delivered bytes that are not an event (skipped).
+    Ep0Garbage(Ep0Error),
+    /// A SETUP request was stalled (the function handles none).
+    Stalled(SetupRequest),
+    /// ENABLE: a fresh phone is plugged in, sending with this packet size.
+    Plugged {
+        /// Which plug since the start, from 1.
+        plug: u64,
+        /// The bulk packet size used for the ZLP rule.
+        max_packet_size: u16,
+    },
+    /// The phone was unplugged (DISABLE or UNBIND, or ENABLE while one was plugged).
+    Unplugged {
+        /// Which plug ended.
+        plug: u64,
+        /// The event that ended it.
+        cause: Event,
+    },
+    /// An endpoint reported itself disabled (`ESHUTDOWN`/`EAGAIN`): the host side went away.
+    EndpointDown {
+        /// "OUT" or "IN".
+        endpoint: &'static str,
+    },
+    /// An OUT transfer arrived while no phone was plugged; dropped.
+    OutDropped {
+        /// Its length.
+        len: usize,
+    },
+    /// An endpoint failed in a way that is not an unplug; the gadget cannot go on.
+    EndpointFailed {
+        /// "ep0", "OUT" or "IN".
+        endpoint: &'static str,
+        /// The error.
+        error: String,
+    },
+    /// Something the phone saw (handshakes, connections); the phone's own event.
+    Phone(usbmux_core::Event),
+}
+
+/// Counters of one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// ENABLEs that plugged a phone.
+    pub plugs: u64,
+    /// OUT transfers handed to a phone (ZLPs included).
+    pub out_transfers: u64,
+    /// OUT transfers dropped because no phone was plugged.
+    pub out_dropped: u64,
+    /// IN packets given to the writer (ZLPs not counted).
+    pub in_packets: u64,
+    /// SETUP requests stalled.
+    pub stalls: u64,
+}
+
+/// Why [`Runner::run`] ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GadgetError {
+    /// An endpoint failed for good (`ep0` closed or unreadable, an endpoint file error other
+    /// than a disable). The function is unusable; start over.
+    #[error("{endpoint}: {error}")]
+    Endpoint {
+        /// "ep0", "OUT" or "IN".
+        endpoint: &'static str,
+        /// The error.
+        error: io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Spawn(io::Error),
+}
+
+/// What the threads tell the runner.
+enum Msg {
+    Event(Event),
+    Garbage(Ep0Error),
+    Stalled(SetupRequest),
+    Out(Vec<u8>),
+    Down(&'static str),
+    Failed(&'static str, io::Error),
+    /// The IN writer finished (wrote or dropped) one packet.
+    InDone,
+    Stop,
+}
+
+/// One packet for the IN writer, tagged with the plug it belongs to.
+struct Packet {
+    plug: u64,
+    data: Vec<u8>,
+    zlp: bool,
+}
+
+/// Stops a running [`Runner`] from another thread (a signal handler's thread, a test).
+#[derive(Clone)]
+pub struct Stopper(SyncSender<Msg>);
+
+impl fmt::Debug for Stopper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Stopper")
+    }
+}
+
+impl Stopper {
+    /// Makes [`Runner::run`] return `Ok` soon; harmless if it has ended already.
+    pub fn stop(&self) {
+        let _ = self.0.send(Msg::Stop);
+    }
+}
+
+/// Runs one simulated phone over FunctionFS endpoints (see the module docs).
+pub struct Runner {
+    cfg: PhoneConfig,
+    tx: SyncSender<Msg>,
+    rx: Receiver<Msg>,
+    on_event: Box<dyn FnMut(&GadgetEvent) + Send>,
+}
+
+impl fmt::Debug for Runner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runner")
+            .field("udid", &self.cfg.identity.udid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// True for the errors FunctionFS gives on an endpoint that is not (or no longer) enabled.
+fn is_down(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ESHUTDOWN) | Some(Errno::EAGAIN)
+    )
+}
+
+impl Runner {
+    /// A runner for phones configured by `cfg` (every ENABLE plugs a fresh one).
+    pub fn new(cfg: PhoneConfig) -> Runner {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        Runner {
+            cfg,
+            tx,
+            rx,
+            on_event: Box::new(|_| {}),
+        }
+    }
+
+    /// Calls `f` for everything the runner does (from the runner's thread; keep it short).
+    pub fn on_event(mut self, f: impl FnMut(&GadgetEvent) + Send + 'static) -> Runner {
+        self.on_event = Box::new(f);
+        self
+    }
+
+    /// A handle that ends [`Runner::run`].
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.tx.clone())
+    }
+
+    /// Serves the endpoints until stopped (`Ok`) or an endpoint fails for good (`Err`).
+    ///
+    /// The reader threads block in the endpoint files; on return they are left behind (a
+    /// blocked read cannot be interrupted portably) and end when their endpoint fails or the
+    /// process exits.
+    pub fn run<C, O, I>(mut self, eps: Endpoints<C, O, I>) -> Result<RunStats, GadgetError>
+    where
+        C: Read + Write + Send + 'static,
+        O: Read + Send + 'static,
+        I: Write + Send + 'static,
+    {
+        let Endpoints {
+            ep0,
+            out,
+            inp,
+            mut max_packet_size,
+        } = eps;
+        let current = Arc::new(AtomicU64::new(0));
+        let (in_tx, in_rx) = mpsc::sync_channel::<Packet>(IN_FLIGHT);
+        spawn("usbmux-sim ep0", {
+            let tx = self.tx.clone();
+            move || ep0_thread(ep0, &tx)
+        })?;
+        spawn("usbmux-sim OUT", {
+            let tx = self.tx.clone();
+            move || out_thread(out, &tx)
+        })?;
+        spawn("usbmux-sim IN", {
+            let tx = self.tx.clone();
+            let current = Arc::clone(&current);
+            move || in_thread(inp, &in_rx, &tx, &current)
+        })?;
+
+        let epoch = std::time::Instant::now();
+        let now =
+            || Instant::from_micros(u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let mut stats = RunStats::default();
+        let mut phone: Option<Phone> = None;
+        let mut in_flight = 0usize;
+        let mut buf = vec![0u8; MAX_PACKET + 1];
+        let mut mps = self.cfg.identity.max_packet_size;
+        loop {
+            // Feed the writer while it has room.
+            if let Some(p) = phone.as_mut() {
+                let t = now();
+                if p.poll_timeout().is_some_and(|d| d <= t) {
+                    p.handle_timeout(t);
+                }
+                while in_flight < IN_FLIGHT {
+                    match p.poll_transmit(t, &mut buf) {
+                        Ok(Some(x)) => {
+                            let data = buf[..x.len].to_vec();
+                            let zlp = x.zlp || needs_zlp(x.len, mps);
+                            let packet = Packet {
+                                plug: stats.plugs,
+                                data,
+                                zlp,
+                            };
+                            if in_tx.send(packet).is_err() {
+                                return Err(GadgetError::Endpoint {
+                                    endpoint: "IN",
+                                    error: io::Error::other("the IN writer ended"),
+                                });
+                            }
+                            in_flight += 1;
+                            stats.in_packets += 1;
+                        }
+                        Ok(None) => break,
+                        Err(e) if e.required > buf.len() => buf.resize(e.required, 0),
+                        Err(_) => break,
+                    }
+                }
+                for ev in p.take_events() {
+                    (self.on_event)(&GadgetEvent::Phone(ev));
+                }
+            }
+
+            let wait = phone.as_ref().and_then(|p| p.poll_timeout()).map(|d| {
+                let us = d.saturating_duration_since(now()).total_micros().max(1000);
+                Duration::from_micros(us)
+            });
+            let msg = match wait {
+                Some(w) => match self.rx.recv_timeout(w) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    // We hold a sender ourselves: cannot happen, but end cleanly if it does.
+                    Err(RecvTimeoutError::Disconnected) => return Ok(stats),
+                },
+                None => match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return Ok(stats),
+                },
+            };
+            match msg {
+                Msg::Stop => return Ok(stats),
+                Msg::InDone => in_flight = in_flight.saturating_sub(1),
+                Msg::Out(t) => match phone.as_mut() {
+                    Some(p) => {
+                        stats.out_transfers += 1;
+                        p.handle_transfer(now(), &t);
+                    }
+                    None => {
+                        stats.out_dropped += 1;
+                        (self.on_event)(&GadgetEvent::OutDropped { len: t.len() });
+                    }
+                },
+                Msg::Down(endpoint) => (self.on_event)(&GadgetEvent::EndpointDown { endpoint }),
+                Msg::Garbage(e) => (self.on_event)(&GadgetEvent::Ep0Garbage(e)),
+                Msg::Stalled(r) => {
+                    stats.stalls += 1;
+                    (self.on_event)(&GadgetEvent::Stalled(r));
+                }
+                Msg::Failed(endpoint, error) => {
+                    (self.on_event)(&GadgetEvent::EndpointFailed {
+                        endpoint,
+                        error: error.to_string(),
+                    });
+                    return Err(GadgetError::Endpoint { endpoint, error });
+                }
+                Msg::Event(ev) => {
+                    (self.on_event)(&GadgetEvent::Ep0(ev));
+                    match ev {
+                        Event::Enable | Event::Disable | Event::Unbind => {
+                            if phone.take().is_some() {
+                                (self.on_event)(&GadgetEvent::Unplugged {
+                                    plug: stats.plugs,
+                                    cause: ev,
+                                });
+                            }
+                            // Every packet still queued belongs to the old phone.
+                            current.store(u64::MAX, Ordering::SeqCst);
+                            if ev == Event::Enable {
+                                stats.plugs += 1;
+                                mps = max_packet_size()
+                                    .filter(|m| *m > 0)
+                                    .unwrap_or(self.cfg.identity.max_packet_size);
+                                let mut cfg = self.cfg.clone();
+                                cfg.session.usb_packet_size = mps;
+                                phone = Some(Phone::new(cfg));
+                                current.store(stats.plugs, Ordering::SeqCst);
+                                (self.on_event)(&GadgetEvent::Plugged {
+                                    plug: stats.plugs,
+                                    max_packet_size: mps,
+                                });
+                            }
+                        }
+                        Event::Bind | Event::Setup(_) | Event::Suspend | Event::Resume => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), GadgetError> {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(GadgetError::Spawn)
+}
+
+/// Stalls `r`: a zero-length transfer in the direction opposite to the request's data stage,
+/// which FunctionFS turns into a STALL handshake (the call itself then fails with `EL2HLT`).
+fn stall<T: Read + Write>(ep0: &mut T, r: &SetupRequest) {
+    if r.is_in() {
+        let _ = ep0.read(&mut []);
+    } else {
+        let _ = ep0.write(&[]);
+    }
+}
+
+fn ep0_thread(mut ep0: impl Read + Write, tx: &SyncSender<Msg>) {
+    let mut buf = [0u8; EVENT_SIZE * EVENTS_PER_READ];
+    loop {
+        let n = match ep0.read(&mut buf) {
+            Ok(0) => {
+                let _ = tx.send(Msg::Failed("ep0", io::ErrorKind::UnexpectedEof.into()));
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Msg::Failed("ep0", e));
+                return;
+            }
+        };
+        for ev in ep0::parse_events(&buf[..n]) {
+            let msg = match ev {
+                Ok(Event::Setup(r)) => {
+                    // Answer before anything else touches ep0, then report.
+                    stall(&mut ep0, &r);
+                    if tx.send(Msg::Event(Event::Setup(r))).is_err() {
+                        return;
+                    }
+                    Msg::Stalled(r)
+                }
+                Ok(ev) => Msg::Event(ev),
+                Err(e) => Msg::Garbage(e),
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn out_thread(mut out: impl Read, tx: &SyncSender<Msg>) {
+    let mut buf = vec![0u8; DEVICE_READ_LEN];
+    loop {
+        let msg = match out.read(&mut buf) {
+            Ok(n) => Msg::Out(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_down(&e) => {
+                thread::sleep(DOWN_PAUSE);
+                Msg::Down("OUT")
+            }
+            Err(e) => {
+                let _ = tx.send(Msg::Failed("OUT", e));
+                return;
+            }
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+fn in_thread(
+    mut inp: impl Write,
+    rx: &Receiver<Packet>,
+    tx: &SyncSender<Msg>,
+    current: &AtomicU64,
+) {
+    // The plug whose packets failed with a disabled endpoint: the rest of them are dropped.
+    let mut dead = u64::MAX;
+    while let Ok(p) = rx.recv() {
+        if p.plug == current.load(Ordering::SeqCst) && p.plug != dead {
+            let mut r = write_transfer(&mut inp, &p.data);
+            if r.is_ok() && p.zlp {
+                r = write_transfer(&mut inp, &[]);
+            }
+            match r {
+                Ok(()) => {}
+                Err(e) if is_down(&e) => {
+                    dead = p.plug;
+                    if tx.send(Msg::Down("IN")).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Msg::Failed("IN", e));
+                    return;
+                }
+            }
+        }
+        if tx.send(Msg::InDone).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes one whole transfer in one `write` (two writes would be two transfers), retrying a
+/// write interrupted before it started.
+fn write_transfer(inp: &mut impl Write, data: &[u8]) -> io::Result<()> {
+    for _ in 0..8 {
+        match inp.write(data) {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::other(format!(
+                    "short write: {n} of {} bytes",
+                    data.len()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::ErrorKind::Interrupted.into())
+}
