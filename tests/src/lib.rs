@@ -33,5 +33,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod faulty;
+pub mod hostile;
 pub mod net;
 pub mod tools;

@@ -29,9 +29,11 @@ use crate::proto::{
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKE: Token = Token(usize::MAX - 2);
 
-/// Bytes a client may have waiting to be written before it is dropped (a Listen client that
-/// never reads must not make the daemon buffer without bound).
-const MAX_PENDING_OUT: usize = 4 << 20;
+/// Bytes a client may have waiting to be written (beyond what its socket buffers) before it
+/// is dropped: a Listen client that never reads must not make the daemon buffer without bound.
+/// A notification is under 1 KiB, so 256 KiB is hundreds of plug events of backlog, while a
+/// thousand stuck listeners cost at most 256 MiB (at 4 MiB they could cost 4 GiB).
+const MAX_PENDING_OUT: usize = 256 << 10;
 
 /// Orders to the control thread from outside (the daemon handle, device discovery).
 pub enum ControlCmd {
