@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use usbmux_host::client::Client;
-use usbmux_host::tools::{pump, DeviceFilter};
+use usbmux_host::tools::{pump_with, CopyMethod, DeviceFilter};
 
 const ABOUT: &str = "Forward local TCP ports to TCP ports on a device, through usbmuxd.
 
@@ -47,6 +47,11 @@ struct Cli {
     /// The usbmuxd socket (default: USBMUXD_SOCKET_ADDRESS, else /var/run/usbmuxd).
     #[arg(long = "socket", value_name = "ADDR")]
     socket: Option<String>,
+    /// How to copy between the sockets: "buffer" (read/write through a 256 KiB buffer) or
+    /// "splice" (Linux splice(2) through a pipe). BENCHMARKS.md has the measurements.
+    #[arg(long = "copy", value_name = "METHOD", default_value = "buffer",
+          value_parser = ["buffer", "splice"])]
+    copy: String,
     /// Print the version.
     #[arg(short = 'v', long = "version", action = clap::ArgAction::Version)]
     version: (),
@@ -77,6 +82,7 @@ struct Ctx {
     client: Client,
     filter: DeviceFilter,
     debug: bool,
+    copy: CopyMethod,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +107,11 @@ fn run(cli: Cli) -> Result<(), String> {
             network_only: cli.network,
         },
         debug: cli.debug,
+        copy: if cli.copy == "splice" {
+            CopyMethod::Splice
+        } else {
+            CopyMethod::Buffer
+        },
     });
     let addrs: Vec<IpAddr> = match cli.source {
         Some(a) => vec![a],
@@ -182,8 +193,9 @@ fn handle(local: TcpStream, device_port: u16, ctx: &Ctx) {
     let (Ok(mut local_r), Ok(mut remote_w)) = (local.try_clone(), remote.try_clone()) else {
         return;
     };
+    let copy = ctx.copy;
     let up = std::thread::spawn(move || {
-        let r = pump(&mut local_r, &mut remote_w);
+        let r = pump_with(copy, &mut local_r, &mut remote_w);
         // The local client is done sending: end the device connection (usbmux has no
         // half-close; the daemon delivers what was written, then resets).
         let _ = remote_w.shutdown(Shutdown::Write);
@@ -191,7 +203,7 @@ fn handle(local: TcpStream, device_port: u16, ctx: &Ctx) {
     });
     let mut remote_r = remote;
     let mut local_w = local;
-    let down = pump(&mut remote_r, &mut local_w);
+    let down = pump_with(copy, &mut remote_r, &mut local_w);
     // The device ended first (usbmux has no FIN: the phone reset it): pass the reset on.
     if !up.is_finished() {
         reset(&local_w);

@@ -77,3 +77,69 @@ pub fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
         total += n as u64;
     }
 }
+
+/// How a tool copies between two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMethod {
+    /// `read` into a 256 KiB buffer, `write` it out ([`pump`]).
+    #[default]
+    Buffer,
+    /// `splice(2)` through a pipe ([`pump_splice`]; Linux only, [`pump`] elsewhere): the bytes
+    /// go socket → pipe → socket inside the kernel, never through our address space.
+    Splice,
+}
+
+/// Copies `from` → `to` (sockets) with `method` until `from` ends; returns the bytes copied.
+pub fn pump_with<F, T>(method: CopyMethod, from: &mut F, to: &mut T) -> io::Result<u64>
+where
+    F: Read + std::os::fd::AsFd,
+    T: Write + std::os::fd::AsFd,
+{
+    match method {
+        CopyMethod::Buffer => pump(from, to),
+        #[cfg(target_os = "linux")]
+        CopyMethod::Splice => pump_splice(&*from, &*to),
+        #[cfg(not(target_os = "linux"))]
+        CopyMethod::Splice => pump(from, to),
+    }
+}
+
+/// Pipe capacity asked for by [`pump_splice`]: as large as an unprivileged process may set by
+/// default (`/proc/sys/fs/pipe-max-size`), so one splice moves up to 1 MiB.
+#[cfg(target_os = "linux")]
+const SPLICE_PIPE: usize = 1 << 20;
+
+/// Copies `from` → `to` with `splice(2)` through a pipe until `from` ends; returns the bytes
+/// copied. Both must be blocking file descriptors that support splice (sockets do).
+#[cfg(target_os = "linux")]
+pub fn pump_splice(from: impl std::os::fd::AsFd, to: impl std::os::fd::AsFd) -> io::Result<u64> {
+    use nix::errno::Errno;
+    use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+
+    let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    // A smaller pipe (the 64 KiB default) still works, in more calls.
+    let cap = fcntl(&pipe_w, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE as i32))
+        .ok()
+        .and_then(|c| usize::try_from(c).ok())
+        .unwrap_or(64 * 1024);
+    let flags = SpliceFFlags::SPLICE_F_MOVE;
+    let mut total = 0u64;
+    loop {
+        let n = match splice(from.as_fd(), None, &pipe_w, None, cap, flags) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut left = n;
+        while left > 0 {
+            match splice(&pipe_r, None, to.as_fd(), None, left, flags) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => left -= m,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        total += n as u64;
+    }
+}
