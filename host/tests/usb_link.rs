@@ -13,7 +13,7 @@ use std::time::{Duration, Instant as StdInstant};
 use mio::{Events, Poll, Token, Waker};
 use usbmux_core::Instant;
 use usbmux_host::link::{DeviceIdentity, Link, LinkError};
-use usbmux_host::usb::{AppleDeviceKind, BulkIo, PipeConfig, UsbLink};
+use usbmux_host::usb::{AppleDeviceKind, BulkIo, InStrategy, PipeConfig, UsbLink};
 
 const NOW: Instant = Instant::ZERO;
 
@@ -134,6 +134,7 @@ fn small_config() -> PipeConfig {
         out_queue: 4,
         read_timeout: Duration::from_millis(20),
         send_stall_limit: Duration::from_secs(5),
+        in_strategy: InStrategy::Thread,
     }
 }
 
@@ -516,4 +517,49 @@ fn writer_overhead() {
         );
         h.fake.state.lock().unwrap().writes.clear();
     }
+}
+
+#[test]
+fn with_io_reads_in_with_the_thread_whatever_the_config_says() {
+    // Asynchronous transfers need a libusb handle; a plain `BulkIo` gets the reader thread,
+    // and the link says so.
+    let fake = Arc::new(FakeEndpoints::default());
+    let io: Arc<dyn BulkIo> = fake.clone();
+    let mut link = UsbLink::with_io(
+        identity(),
+        AppleDeviceKind::Mobile,
+        io,
+        PipeConfig {
+            in_strategy: InStrategy::Async,
+            ..small_config()
+        },
+    );
+    assert_eq!(link.config().in_strategy, InStrategy::Thread);
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+    link.start(waker).unwrap();
+    fake.push_in(Ok(b"via the reader thread".to_vec()));
+    wait_until("the reader to read", || {
+        fake.reads_completed.load(Ordering::SeqCst) == 1
+    });
+    let mut buf = [0u8; 64];
+    let deadline = StdInstant::now() + Duration::from_secs(10);
+    let n = loop {
+        if let Some(n) = link.recv(NOW, &mut buf).unwrap() {
+            break n;
+        }
+        assert!(StdInstant::now() < deadline, "nothing received");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(&buf[..n], b"via the reader thread");
+}
+
+#[test]
+fn in_strategy_names_round_trip() {
+    for strategy in [InStrategy::Thread, InStrategy::Async] {
+        assert_eq!(strategy.name().parse::<InStrategy>(), Ok(strategy));
+        assert_eq!(strategy.to_string(), strategy.name());
+    }
+    assert!("threads".parse::<InStrategy>().is_err());
+    assert_eq!(PipeConfig::default().in_strategy, InStrategy::Thread);
 }

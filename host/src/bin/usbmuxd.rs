@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, Parser};
 use log::{error, info};
 use usbmux_host::daemon::{self, DaemonConfig, SocketSpec};
+use usbmux_host::usb::{InStrategy, PipeConfig};
 use usbmux_sim::PhoneConfig;
 
 /// Default client socket of the system daemon (clients find it there without configuration).
@@ -82,6 +83,18 @@ struct Cli {
     /// Record every USB transfer in FILE (postcard; `usbmux-sim dump FILE` decodes it).
     #[arg(long = "trace", value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// How USB IN is read: `thread` (one reader thread, synchronous reads) or `async` (libusb
+    /// asynchronous transfers, --usb-in-buffers of them in flight).
+    #[arg(long = "usb-in", value_name = "thread|async", default_value_t = InStrategy::Thread)]
+    usb_in: InStrategy,
+    /// USB IN buffers: the reader thread's ring, or the transfers in flight with --usb-in async.
+    #[arg(long = "usb-in-buffers", value_name = "N", default_value_t = PipeConfig::default().in_buffers as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    usb_in_buffers: u16,
+    /// Size of each USB IN buffer (and of each IN transfer), in KiB.
+    #[arg(long = "usb-in-kib", value_name = "KIB", default_value_t = (PipeConfig::default().in_buffer_size / 1024) as u16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    usb_in_kib: u16,
 }
 
 fn main() -> ExitCode {
@@ -216,19 +229,37 @@ fn run(cli: Cli) -> Result<(), String> {
     } else {
         None
     };
-    let d = daemon::start(DaemonConfig {
-        activated,
-        socket,
-        config_dir,
-        simulate: phones.clone(),
-        sim_sockets: cli.sim_socket.clone(),
-        trace: cli.trace.clone(),
-        usb: if simulated { cli.usb } else { !cli.no_usb },
-        // Upstream: -u and -s imply -n (udev or systemd starts us per device).
-        usb_on_demand: cli.disable_hotplug || cli.udev || cli.systemd,
-        session: usbmux_core::SessionConfig::default(),
-    })
+    let usb_pipe = PipeConfig {
+        in_strategy: cli.usb_in,
+        in_buffers: usize::from(cli.usb_in_buffers),
+        in_buffer_size: usize::from(cli.usb_in_kib) * 1024,
+        ..PipeConfig::default()
+    };
+    let usb = if simulated { cli.usb } else { !cli.no_usb };
+    let d = daemon::start_with_usb_pipe(
+        DaemonConfig {
+            activated,
+            socket,
+            config_dir,
+            simulate: phones.clone(),
+            sim_sockets: cli.sim_socket.clone(),
+            trace: cli.trace.clone(),
+            usb,
+            // Upstream: -u and -s imply -n (udev or systemd starts us per device).
+            usb_on_demand: cli.disable_hotplug || cli.udev || cli.systemd,
+            session: usbmux_core::SessionConfig::default(),
+        },
+        usb_pipe,
+    )
     .map_err(|e| e.to_string())?;
+    if usb {
+        info!(
+            "USB IN: {} ({} x {} KiB)",
+            usb_pipe.in_strategy,
+            usb_pipe.in_buffers,
+            usb_pipe.in_buffer_size / 1024
+        );
+    }
     if simulated {
         println!(
             "usbmuxd (usbmux-rs) with {} simulated phone(s):",

@@ -192,8 +192,19 @@ pub enum ActivatedSocket {
 }
 
 /// Binds the socket (removing a stale socket file first) or takes the activated one, opens the
-/// pair-record store, starts the control thread and attaches the simulated phones.
+/// pair-record store, starts the control thread and attaches the simulated phones. USB links
+/// get the default [`PipeConfig`](crate::usb::PipeConfig); see [`start_with_usb_pipe`].
 pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
+    start_with_usb_pipe(cfg, crate::usb::PipeConfig::default())
+}
+
+/// [`start`], with the buffer sizes and IN strategy of every USB link (`usbmuxd --usb-in`).
+/// A separate entry point rather than a [`DaemonConfig`] field so that existing callers, which
+/// build `DaemonConfig` literally, keep compiling.
+pub fn start_with_usb_pipe(
+    cfg: DaemonConfig,
+    usb_pipe: crate::usb::PipeConfig,
+) -> io::Result<RunningDaemon> {
     let owns_socket = cfg.activated.is_none();
     let (listener, socket) = match cfg.activated {
         Some(ActivatedSocket::Unix(l, path)) => {
@@ -244,6 +255,7 @@ pub fn start(cfg: DaemonConfig) -> io::Result<RunningDaemon> {
         // transfers fail), which ends it and tells listeners.
         let options = crate::usb::WatcherOptions {
             on_demand: cfg.usb_on_demand,
+            pipe: usb_pipe,
             ..Default::default()
         };
         let watcher = crate::usb::Watcher::start(options, move |ev| {

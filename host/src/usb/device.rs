@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use rusb::{Device, DeviceHandle, UsbContext};
 
+use super::async_in::{AsyncReader, Completions};
 use super::identity::{location_id, serial_from_descriptor, speed_bps, udid_from_serial};
 use super::identity::{SerialError, UsbLocation};
-use super::link::{BulkIo, PipeConfig, UsbLink};
+use super::libusb_in::LibusbInPool;
+use super::link::{BulkIo, InStrategy, PipeConfig, UsbLink};
 use super::matching::{
     choose_interface, ConfigInfo, DeviceDescriptorInfo, EndpointInfo, InterfaceInfo, Rejection,
     TransferKind, UsbmuxInterface,
@@ -115,9 +117,11 @@ pub fn descriptor_info<T: UsbContext>(device: &Device<T>) -> rusb::Result<Device
 }
 
 /// The claimed bulk pipe of an opened device: [`BulkIo`] over rusb's synchronous transfers.
-/// Dropping it releases the interface and closes the device (rusb's `DeviceHandle` drop).
+/// The interface is released and the device closed (rusb's `DeviceHandle` drop) when the last
+/// holder of the handle lets go: this pipe (the link's reader and writer threads) and, in the
+/// asynchronous IN strategy, the transfer pool.
 struct RusbPipe<T: UsbContext> {
-    handle: DeviceHandle<T>,
+    handle: Arc<DeviceHandle<T>>,
     ep_in: u8,
     ep_out: u8,
 }
@@ -251,16 +255,36 @@ impl UsbLink {
             choice.ep_out,
             choice.max_packet_size,
         );
-        let pipe = RusbPipe {
-            handle,
+        let handle = Arc::new(handle);
+        let pipe = Arc::new(RusbPipe {
+            handle: Arc::clone(&handle),
             ep_in: choice.ep_in,
             ep_out: choice.ep_out,
-        };
-        Ok(UsbLink::with_io(
-            identity,
-            choice.kind,
-            Arc::new(pipe),
-            config,
-        ))
+        });
+        match config.in_strategy {
+            InStrategy::Thread => Ok(UsbLink::with_io(identity, choice.kind, pipe, config)),
+            InStrategy::Async => {
+                // The sizes after the link's rounding, so both strategies use the same buffers.
+                let sizes = config.normalized();
+                let completions = Completions::new(sizes.in_buffers);
+                let pool = LibusbInPool::new(
+                    handle,
+                    choice.ep_in,
+                    sizes.in_buffers,
+                    sizes.in_buffer_size,
+                    Arc::clone(&completions),
+                    &identity.udid,
+                )
+                .map_err(usb("allocating IN transfers"))?;
+                let reader = AsyncReader::new(Box::new(pool), completions);
+                Ok(UsbLink::with_async_in(
+                    identity,
+                    choice.kind,
+                    pipe,
+                    reader,
+                    config,
+                ))
+            }
+        }
     }
 }

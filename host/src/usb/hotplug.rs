@@ -37,6 +37,8 @@ use super::link::{PipeConfig, UsbLink};
 use super::matching::{Rejection, APPLE_VENDOR_ID};
 
 /// What the [`Watcher`] reports.
+// One event per plug or unplug, moved once: the size of `Arrived` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum UsbEvent {
     /// A usbmux device was opened and claimed; start the link and give it a DeviceID.

@@ -1,9 +1,10 @@
-//! [`UsbLink`]: the [`Link`] over a phone's bulk pipes, with one reader and one writer thread.
+//! [`UsbLink`]: the [`Link`] over a phone's bulk pipes: IN by one reader thread or by several
+//! asynchronous transfers in flight ([`InStrategy`]), OUT by one writer thread.
 //!
 //! rusb 0.9 has only synchronous transfers, so the blocking calls live on threads of their own
 //! and the device thread never waits on the bus:
 //!
-//! - **IN: one reader thread.** Several threads reading one endpoint could complete out of order
+//! - **IN, [`InStrategy::Thread`] (the default): one reader thread.** Several threads reading one endpoint could complete out of order
 //!   and reorder the byte stream, so there is exactly one. It reads into large buffers
 //!   ([`PipeConfig::in_buffer_size`], 64 KiB: a whole mux packet of up to 65 535 bytes plus the
 //!   short packet that ends it fits one transfer) taken from a small ring
@@ -15,6 +16,14 @@
 //!   [`PipeConfig::read_timeout`] only so the thread notices a close; a timed-out read that got
 //!   some bytes returns them (rusb reports them as a success), so no data is lost to the timeout.
 //!   Zero-length transfers carry nothing for the byte-stream reassembler and are not handed on.
+//! - **IN, [`InStrategy::Async`]: [`PipeConfig::in_buffers`] libusb asynchronous transfers in
+//!   flight** (`super::async_in`, over the crate's one unsafe module `super::libusb_in`), so
+//!   the endpoint always has a buffer queued, even while the device thread or the scheduler is
+//!   busy. Same hand-over contract as the reader thread: completions in order, a transfer is
+//!   resubmitted only after [`Link::recv`] has drained it (backpressure), a failure becomes the
+//!   same [`LinkError`]. Needs a real libusb device handle, so only
+//!   [`UsbLink::open_with`](super::UsbLink::open_with) builds it; [`UsbLink::with_io`] always
+//!   uses the reader thread.
 //! - **OUT: one writer thread** fed by a bounded queue ([`PipeConfig::out_queue`] packets).
 //!   [`Link::send`] copies the packet into a recycled buffer and returns; the writer submits it as
 //!   **one** bulk transfer of exactly those bytes and then, when asked, a zero-length transfer —
@@ -42,6 +51,7 @@ use std::time::Duration;
 
 use usbmux_core::Instant;
 
+use super::async_in::AsyncReader;
 use super::identity::UsbLocation;
 use super::matching::AppleDeviceKind;
 use crate::link::{DeviceIdentity, Link, LinkError};
@@ -60,6 +70,49 @@ pub trait BulkIo: Send + Sync + 'static {
     fn write(&self, data: &[u8], timeout: Duration) -> Result<usize, rusb::Error>;
 }
 
+/// How a [`UsbLink`] reads its IN endpoint (see the module docs). Both keep the stream in order
+/// and apply the same backpressure; which is faster is measured in the VM harness
+/// (`tests/usb-vm/`), and the default follows the measurement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum InStrategy {
+    /// One reader thread doing synchronous reads into a ring of [`PipeConfig::in_buffers`].
+    #[default]
+    Thread,
+    /// [`PipeConfig::in_buffers`] libusb asynchronous transfers in flight, completed on an
+    /// event thread.
+    Async,
+}
+
+impl InStrategy {
+    /// The name used on the command line (`usbmuxd --usb-in`).
+    pub fn name(self) -> &'static str {
+        match self {
+            InStrategy::Thread => "thread",
+            InStrategy::Async => "async",
+        }
+    }
+}
+
+impl core::fmt::Display for InStrategy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for InStrategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<InStrategy, String> {
+        match s {
+            "thread" => Ok(InStrategy::Thread),
+            "async" => Ok(InStrategy::Async),
+            other => Err(format!(
+                "unknown USB IN strategy {other:?} (expected \"thread\" or \"async\")"
+            )),
+        }
+    }
+}
+
 /// Buffer and queue sizes of a [`UsbLink`]. The defaults are what the daemon uses; tests shrink
 /// them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,18 +121,20 @@ pub struct PipeConfig {
     /// a multiple of 1024 so that it is a whole number of packets at every speed (a buffer that
     /// ends mid-packet makes the host controller report an overflow).
     pub in_buffer_size: usize,
-    /// Number of IN buffers in the ring: transfers the reader may complete before the device
-    /// thread has consumed them.
+    /// Number of IN buffers: transfers that may complete before the device thread has consumed
+    /// them (the reader thread's ring), or transfers in flight ([`InStrategy::Async`]).
     pub in_buffers: usize,
     /// OUT packets that may wait for the writer before [`Link::send`] blocks.
     pub out_queue: usize,
     /// Timeout of each bulk IN read: how long the reader may take to notice a close. Timeouts
-    /// are not errors.
+    /// are not errors. (Asynchronous transfers have no timeout; close cancels them.)
     pub read_timeout: Duration,
     /// How long [`Link::send`] waits for room in a full OUT queue before it declares the pipe
     /// stalled and fails the link (a phone always drains its OUT pipe; one that has not taken a
     /// packet for this long is gone or wedged).
     pub send_stall_limit: Duration,
+    /// How IN is read.
+    pub in_strategy: InStrategy,
 }
 
 impl Default for PipeConfig {
@@ -90,12 +145,14 @@ impl Default for PipeConfig {
             out_queue: 8,
             read_timeout: Duration::from_millis(200),
             send_stall_limit: Duration::from_secs(10),
+            in_strategy: InStrategy::Thread,
         }
     }
 }
 
 impl PipeConfig {
-    fn normalized(mut self) -> Self {
+    /// The sizes actually used: whole KiB buffers, at least one of everything.
+    pub(super) fn normalized(mut self) -> Self {
         self.in_buffer_size = self
             .in_buffer_size
             .max(1)
@@ -128,7 +185,7 @@ pub struct PipeStats {
 /// Why the link ended, as recorded by whichever side saw it first. `Copy` so both `send` and
 /// `recv` can report it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fault {
+pub(super) enum Fault {
     Disconnected,
     Usb {
         what: &'static str,
@@ -142,7 +199,7 @@ enum Fault {
 }
 
 impl Fault {
-    fn from_usb(what: &'static str, error: rusb::Error) -> Fault {
+    pub(super) fn from_usb(what: &'static str, error: rusb::Error) -> Fault {
         match error {
             rusb::Error::NoDevice => Fault::Disconnected,
             error => Fault::Usb { what, error },
@@ -198,10 +255,10 @@ struct TxState {
 }
 
 #[derive(Default)]
-struct Counters {
-    in_transfers: AtomicU64,
-    in_bytes: AtomicU64,
-    in_zlps: AtomicU64,
+pub(super) struct Counters {
+    pub(super) in_transfers: AtomicU64,
+    pub(super) in_bytes: AtomicU64,
+    pub(super) in_zlps: AtomicU64,
     out_transfers: AtomicU64,
     out_bytes: AtomicU64,
     out_zlps: AtomicU64,
@@ -224,7 +281,7 @@ struct Shared {
 
 /// Locks a mutex even if a thread panicked while holding it: the queues stay consistent at
 /// every unlock, and refusing to go on would only turn one bug into a hung device.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -243,10 +300,18 @@ impl Shared {
     }
 }
 
-fn wake(waker: &mio::Waker) {
+pub(super) fn wake(waker: &mio::Waker) {
     if let Err(e) = waker.wake() {
         log::warn!("USB link: waking the device thread failed: {e}");
     }
+}
+
+/// The IN side of a [`UsbLink`]: what its [`InStrategy`] owns.
+enum InSide {
+    /// The reader thread, once started (and until joined).
+    Thread(Option<JoinHandle<()>>),
+    /// The asynchronous transfers.
+    Async(Box<AsyncReader>),
 }
 
 /// A phone's usbmux pipe over USB. Implements [`Link`]; see the module docs for the threads.
@@ -254,8 +319,9 @@ fn wake(waker: &mio::Waker) {
 /// Created by [`UsbLink::open`](super::UsbLink::open) (usually through the
 /// [`Watcher`](super::Watcher)) or, over any [`BulkIo`], by [`UsbLink::with_io`]. Nothing runs
 /// until [`Link::start`]. Dropping the link stops the reader (waiting at most one
-/// [`PipeConfig::read_timeout`]) and lets the writer finish the packets already queued in the
-/// background; [`UsbLink::close`] waits for both. The USB interface is released when the last
+/// [`PipeConfig::read_timeout`]; asynchronous transfers are cancelled and their completions
+/// awaited) and lets the writer finish the packets already queued in the background;
+/// [`UsbLink::close`] waits for both. The USB interface is released when the last
 /// of them lets go of the device handle.
 pub struct UsbLink {
     identity: DeviceIdentity,
@@ -263,7 +329,7 @@ pub struct UsbLink {
     io: Arc<dyn BulkIo>,
     config: PipeConfig,
     shared: Arc<Shared>,
-    reader: Option<JoinHandle<()>>,
+    in_side: InSide,
     writer: Option<JoinHandle<()>>,
     started: bool,
 }
@@ -273,6 +339,7 @@ impl core::fmt::Debug for UsbLink {
         f.debug_struct("UsbLink")
             .field("identity", &self.identity)
             .field("kind", &self.kind)
+            .field("in_strategy", &self.config.in_strategy)
             .field("started", &self.started)
             .finish_non_exhaustive()
     }
@@ -282,23 +349,61 @@ impl UsbLink {
     /// A link over any pair of bulk pipes (tests use a fake;
     /// [`UsbLink::open`](super::UsbLink::open) passes a claimed rusb handle).
     /// `identity.max_packet_size` is informational here: the ZLP decision is the caller's (`zlp`
-    /// in [`Link::send`]).
+    /// in [`Link::send`]). IN is read by the reader thread whatever `config.in_strategy` says:
+    /// asynchronous transfers need a libusb handle, which only
+    /// [`UsbLink::open_with`](super::UsbLink::open_with) has.
     pub fn with_io(
         identity: DeviceIdentity,
         kind: AppleDeviceKind,
         io: Arc<dyn BulkIo>,
         config: PipeConfig,
     ) -> UsbLink {
+        let config = PipeConfig {
+            in_strategy: InStrategy::Thread,
+            ..config.normalized()
+        };
         UsbLink {
             identity,
             kind,
             io,
-            config: config.normalized(),
+            config,
             shared: Arc::new(Shared::default()),
-            reader: None,
+            in_side: InSide::Thread(None),
             writer: None,
             started: false,
         }
+    }
+
+    /// A link whose IN side is `reader` (asynchronous transfers) and whose OUT side is `io`'s
+    /// `write`, as usual.
+    pub(super) fn with_async_in(
+        identity: DeviceIdentity,
+        kind: AppleDeviceKind,
+        io: Arc<dyn BulkIo>,
+        reader: AsyncReader,
+        config: PipeConfig,
+    ) -> UsbLink {
+        UsbLink {
+            identity,
+            kind,
+            io,
+            config: PipeConfig {
+                in_strategy: InStrategy::Async,
+                ..config.normalized()
+            },
+            shared: Arc::new(Shared::default()),
+            in_side: InSide::Async(Box::new(reader)),
+            writer: None,
+            started: false,
+        }
+    }
+
+    /// The first failure seen by either direction.
+    fn fault(&self) -> Option<Fault> {
+        self.shared.fault().or_else(|| match &self.in_side {
+            InSide::Async(reader) => reader.fault(),
+            InSide::Thread(_) => None,
+        })
     }
 
     /// What the product id says the device is (T2 devices skip preflight).
@@ -352,10 +457,15 @@ impl UsbLink {
         // Take the lock so a reader between its stop check and its wait cannot miss the signal.
         drop(lock(&shared.rx));
         shared.rx_free.notify_all();
-        if let Some(reader) = self.reader.take() {
-            if reader.join().is_err() {
-                log::error!("USB reader thread of {} panicked", self.identity.udid);
+        match &mut self.in_side {
+            InSide::Thread(reader) => {
+                if let Some(reader) = reader.take() {
+                    if reader.join().is_err() {
+                        log::error!("USB reader thread of {} panicked", self.identity.udid);
+                    }
+                }
             }
+            InSide::Async(reader) => reader.close(),
         }
         if let Some(writer) = self.writer.take() {
             if join_writer && writer.join().is_err() {
@@ -402,13 +512,18 @@ impl Link for UsbLink {
             return Err(LinkError::Protocol("USB link started twice".into()));
         }
         self.started = true;
-        {
-            let mut rx = lock(&self.shared.rx);
-            rx.free = (0..self.config.in_buffers)
-                .map(|_| vec![0; self.config.in_buffer_size])
-                .collect();
+        match self.in_side {
+            InSide::Thread(_) => {
+                {
+                    let mut rx = lock(&self.shared.rx);
+                    rx.free = (0..self.config.in_buffers)
+                        .map(|_| vec![0; self.config.in_buffer_size])
+                        .collect();
+                }
+                self.in_side = InSide::Thread(Some(self.spawn("in", &waker, run_reader)?));
+            }
+            InSide::Async(ref mut reader) => reader.start(Arc::clone(&waker))?,
         }
-        self.reader = Some(self.spawn("in", &waker, run_reader)?);
         match self.spawn("out", &waker, run_writer) {
             Ok(writer) => self.writer = Some(writer),
             Err(e) => {
@@ -420,10 +535,10 @@ impl Link for UsbLink {
     }
 
     fn send(&mut self, _now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {
-        let shared = &*self.shared;
-        if let Some(fault) = shared.fault() {
+        if let Some(fault) = self.fault() {
             return Err(fault.into());
         }
+        let shared = &*self.shared;
         let mut tx = lock(&shared.tx);
         if tx.queue.len() >= self.config.out_queue && !tx.failed {
             let limit = self.config.send_stall_limit;
@@ -457,6 +572,9 @@ impl Link for UsbLink {
 
     fn recv(&mut self, _now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError> {
         let shared = &*self.shared;
+        if let InSide::Async(reader) = &mut self.in_side {
+            return reader.recv(buf, &shared.counters).map_err(LinkError::from);
+        }
         // Read the fault before the queue: the reader queues data before it records a fault, so
         // data that arrived before the failure is always delivered first.
         let fault = shared.fault();

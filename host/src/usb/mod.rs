@@ -7,10 +7,13 @@
 //!   carry usbmux — pure functions over plain descriptor structs, tested on captured
 //!   descriptors (`host/tests/fixtures/usb/`);
 //! - [`identity`]: UDID from the serial string, location id, connection speed;
-//! - [`UsbLink`]: the [`Link`](crate::link::Link) over a claimed device — one reader thread with
-//!   a ring of large IN buffers, one writer thread sending each mux packet as one OUT transfer
-//!   plus its ZLP. Reassembly is not done here: the device thread feeds every IN transfer to
-//!   `usbmux_core::usb::Reassembler`, which treats the pipe as a byte stream;
+//! - [`UsbLink`]: the [`Link`](crate::link::Link) over a claimed device — IN by one reader
+//!   thread with a ring of large buffers or by several libusb asynchronous transfers in flight
+//!   ([`InStrategy`], [`PipeConfig::in_strategy`]), one writer thread sending each mux packet as
+//!   one OUT transfer plus its ZLP. Reassembly is not done here: the device thread feeds every
+//!   IN transfer to `usbmux_core::usb::Reassembler`, which treats the pipe as a byte stream;
+//!   the asynchronous strategy's logic is in `async_in`, its libusb calls in `libusb_in`, the
+//!   crate's only `unsafe` code;
 //! - [`Watcher`]: hotplug (or 1 s polling) discovery, reporting [`UsbEvent::Arrived`] with a
 //!   ready link and [`UsbEvent::Left`].
 //!
@@ -43,14 +46,16 @@
 //! build time; without them it falls back to kernel netlink events, which also work but see
 //! devices before udev has set their permissions.
 
+mod async_in;
 mod device;
 mod hotplug;
 pub mod identity;
+mod libusb_in;
 mod link;
 pub mod matching;
 
 pub use device::{descriptor_info, OpenError};
 pub use hotplug::{open_context, Rescanner, UsbEvent, UsbUnavailable, Watcher, WatcherOptions};
 pub use identity::{location_id, speed_bps, udid_from_serial, UsbLocation};
-pub use link::{BulkIo, PipeConfig, PipeStats, UsbLink};
+pub use link::{BulkIo, InStrategy, PipeConfig, PipeStats, UsbLink};
 pub use matching::{choose_interface, AppleDeviceKind, Rejection, UsbmuxInterface};

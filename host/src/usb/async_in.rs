@@ -1,0 +1,780 @@
+//! The asynchronous IN strategy ([`InStrategy::Async`](super::InStrategy::Async)): several bulk
+//! IN transfers in flight at once, handed to the device thread in order.
+//!
+//! Why: with one synchronous read at a time ([`InStrategy::Thread`](super::InStrategy::Thread))
+//! the endpoint has no transfer queued between the end of one read and the start of the next,
+//! and the phone's next packet waits for the reader thread to be scheduled. With `N` transfers
+//! submitted, the host controller always has a buffer to fill.
+//!
+//! This module is the strategy's logic and holds no `unsafe`: the transfers themselves sit
+//! behind the small [`InPool`] trait — "submit slot `i`", "the bytes slot `i` received", "cancel
+//! slot `i`" — implemented over libusb by [`super::libusb_in`] and, in the tests below, by a
+//! fake bus that completes transfers from the test thread. The pool reports every completion to
+//! [`Completions`], which runs on libusb's event thread and does only the minimum: record the
+//! slot in the completed queue (or the fault), and wake the device thread when the queue goes
+//! from empty to non-empty.
+//!
+//! - **Order.** libusb completes the transfers of one endpoint in submission order, and the
+//!   completions of one context are delivered one at a time, so the completed queue is in
+//!   stream order; [`AsyncReader::recv`] always reads from its head.
+//! - **No allocation per transfer.** The pool's transfers and buffers are allocated once; the
+//!   queue holds at most one entry per slot and is allocated with that capacity.
+//! - **Backpressure.** A slot is submitted again only after the device thread has consumed all
+//!   of its bytes ([`AsyncReader::recv`] resubmits it), so a device thread that falls behind
+//!   leaves no transfer in flight and the phone's data waits in the phone, as with the reader
+//!   thread. Zero-length completions are resubmitted as soon as `recv` sees them.
+//! - **Failure.** A transfer that fails (`NoDevice`: unplugged, or any other error) records the
+//!   same [`Fault`] the reader thread would, wakes the device thread, and stops resubmission;
+//!   `recv` returns the data completed before the failure first, then the error. Completions
+//!   after a fault are dropped (the stream has a hole). A cancellation that nobody asked for is
+//!   a fault too: otherwise the slot would silently drop out of the rotation.
+//! - **Shutdown.** [`AsyncReader::close`] cancels every slot, waits (bounded by
+//!   [`CANCEL_WAIT`]) until every submitted transfer has reported back, then stops the pool.
+//!   Memory safety does not rest on this wait: see the ownership argument in
+//!   [`super::libusb_in`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use super::link::{lock, wake, Counters, Fault};
+use crate::link::LinkError;
+
+/// How long [`AsyncReader::close`] waits for cancelled transfers to report back. libusb
+/// reports a cancellation within a millisecond or so; this bound only matters if the event
+/// thread is wedged, and then the pool keeps (leaks) its memory rather than free it under a
+/// transfer that may still complete.
+pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
+
+/// How one IN transfer ended, as the pool's completion callback reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Completed with this many bytes in the slot's buffer (0: a zero-length packet).
+    Data(usize),
+    /// Failed; `NoDevice` means unplugged.
+    Failed(rusb::Error),
+    /// Cancelled (expected only during [`AsyncReader::close`]).
+    Cancelled,
+}
+
+/// A fixed set of IN transfers ("slots"), each with its own buffer: the submit/complete
+/// backend of [`AsyncReader`]. Every successful [`InPool::submit`] leads to exactly one
+/// [`Completions::completed`] call for that slot, from any thread, at any later time (possibly
+/// before `submit` returns). The methods take `&mut self`: only the device thread that owns the
+/// [`AsyncReader`] calls them, which is what lets [`InPool::data`] hand out the buffer safely.
+pub(crate) trait InPool: Send {
+    /// Number of slots (transfers in flight when all are submitted).
+    fn slots(&self) -> usize;
+
+    /// Starts whatever runs the completions (libusb's event thread).
+    fn start(&mut self) -> Result<(), LinkError>;
+
+    /// Submits slot `slot`. An error means nothing was submitted and no completion will come.
+    fn submit(&mut self, slot: usize) -> Result<(), rusb::Error>;
+
+    /// The bytes of slot `slot`'s last completion; empty while it is in flight.
+    fn data(&mut self, slot: usize) -> &[u8];
+
+    /// Asks for slot `slot` to be cancelled if it is in flight (its completion still comes,
+    /// as [`Outcome::Cancelled`] or whatever it had finished with).
+    fn cancel(&mut self, slot: usize);
+
+    /// Stops the event thread and releases what is safe to release; called once, after the
+    /// completions of everything submitted have come in (or [`CANCEL_WAIT`] passed).
+    fn stop(&mut self);
+}
+
+/// One completed transfer waiting for the device thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Done {
+    slot: usize,
+    len: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Completed transfers in stream order (at most one entry per slot).
+    done: VecDeque<Done>,
+    /// Submitted transfers whose completion has not come yet.
+    in_flight: usize,
+    /// The first failure; nothing is queued or resubmitted after it.
+    fault: Option<Fault>,
+    /// [`AsyncReader::close`] has begun: cancellations are expected.
+    closing: bool,
+}
+
+/// Where a pool's completions go: the queue the device thread reads, shared between the
+/// completion callback (libusb's event thread) and the [`AsyncReader`].
+#[derive(Debug)]
+pub(crate) struct Completions {
+    queue: Mutex<Queue>,
+    /// Signalled when `in_flight` drops to zero.
+    idle: Condvar,
+    /// The device thread's waker, set by [`AsyncReader::start`] before the first submission.
+    waker: OnceLock<Arc<mio::Waker>>,
+}
+
+impl Completions {
+    /// Completions for a pool of `slots` transfers.
+    pub(crate) fn new(slots: usize) -> Arc<Completions> {
+        Arc::new(Completions {
+            queue: Mutex::new(Queue {
+                done: VecDeque::with_capacity(slots),
+                ..Queue::default()
+            }),
+            idle: Condvar::new(),
+            waker: OnceLock::new(),
+        })
+    }
+
+    /// Reports how a submitted transfer ended. Called from the pool's completion callback on
+    /// the event thread: one short lock, no allocation (the queue has room for every slot), at
+    /// most one wake.
+    pub(crate) fn completed(&self, slot: usize, outcome: Outcome) {
+        let wake_now = {
+            let mut q = lock(&self.queue);
+            q.in_flight = q.in_flight.saturating_sub(1);
+            let wake_now = match outcome {
+                Outcome::Data(_) | Outcome::Failed(_) if q.fault.is_some() => false,
+                Outcome::Data(len) => {
+                    let was_empty = q.done.is_empty();
+                    q.done.push_back(Done { slot, len });
+                    // The device thread drains the queue until `recv` says `None`, so one wake
+                    // per empty → non-empty transition is enough.
+                    was_empty
+                }
+                Outcome::Failed(error) => {
+                    let fault = Fault::from_usb("bulk IN", error);
+                    log::debug!("USB link failed: {}", LinkError::from(fault));
+                    q.fault = Some(fault);
+                    true
+                }
+                Outcome::Cancelled if q.closing => false,
+                Outcome::Cancelled => {
+                    if q.fault.is_none() {
+                        q.fault = Some(Fault::Usb {
+                            what: "bulk IN",
+                            error: rusb::Error::Interrupted,
+                        });
+                    }
+                    true
+                }
+            };
+            if q.in_flight == 0 {
+                self.idle.notify_all();
+            }
+            wake_now
+        };
+        if wake_now {
+            if let Some(waker) = self.waker.get() {
+                wake(waker);
+            }
+        }
+    }
+
+    /// The first IN failure, if any.
+    pub(crate) fn fault(&self) -> Option<Fault> {
+        lock(&self.queue).fault
+    }
+
+    fn head(&self) -> Option<Done> {
+        lock(&self.queue).done.front().copied()
+    }
+
+    fn pop(&self) {
+        lock(&self.queue).done.pop_front();
+    }
+
+    /// Counts a submission about to happen (before it, since its completion may come first).
+    fn submitting(&self) {
+        lock(&self.queue).in_flight += 1;
+    }
+
+    /// Marks the start of close: no more submissions, cancellations expected. Returns whether
+    /// it was already closing.
+    fn set_closing(&self) -> bool {
+        std::mem::replace(&mut lock(&self.queue).closing, true)
+    }
+
+    /// Whether submitting is still allowed (no fault, not closing).
+    fn open(&self) -> bool {
+        let q = lock(&self.queue);
+        q.fault.is_none() && !q.closing
+    }
+
+    /// Waits until no transfer is in flight, at most `limit`; true if none is.
+    fn wait_idle(&self, limit: Duration) -> bool {
+        let q = lock(&self.queue);
+        let (q, _) = self
+            .idle
+            .wait_timeout_while(q, limit, |q| q.in_flight > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        q.in_flight == 0
+    }
+}
+
+/// The IN side of a [`UsbLink`](super::UsbLink) in the asynchronous strategy: owns the pool,
+/// reads completed transfers in order and resubmits them once consumed. Used only from the
+/// device thread (through `Link::start`, `Link::recv` and the link's drop).
+pub(crate) struct AsyncReader {
+    pool: Box<dyn InPool>,
+    completions: Arc<Completions>,
+    /// Bytes of the head transfer already handed out.
+    offset: usize,
+    cancel_wait: Duration,
+    started: bool,
+    closed: bool,
+}
+
+impl AsyncReader {
+    /// A reader over `pool`, whose completions go to `completions`. Nothing is submitted
+    /// before [`AsyncReader::start`].
+    pub(crate) fn new(pool: Box<dyn InPool>, completions: Arc<Completions>) -> AsyncReader {
+        AsyncReader {
+            pool,
+            completions,
+            offset: 0,
+            cancel_wait: CANCEL_WAIT,
+            started: false,
+            closed: false,
+        }
+    }
+
+    /// Replaces [`CANCEL_WAIT`] (tests of a pool whose cancellations never come).
+    #[cfg(test)]
+    fn with_cancel_wait(mut self, limit: Duration) -> AsyncReader {
+        self.cancel_wait = limit;
+        self
+    }
+
+    /// Starts the pool's event handling and submits every slot. A failed submission is a
+    /// fault reported through `recv` (and the waker), like a failed transfer.
+    pub(crate) fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError> {
+        // Only the first start sets it; `UsbLink` refuses a second start anyway.
+        let _ = self.completions.waker.set(waker);
+        self.pool.start()?;
+        self.started = true;
+        for slot in 0..self.pool.slots() {
+            self.submit(slot);
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, slot: usize) {
+        if !self.completions.open() {
+            return;
+        }
+        self.completions.submitting();
+        if let Err(error) = self.pool.submit(slot) {
+            // Nothing was submitted: report it as the completion that will never come.
+            self.completions.completed(slot, Outcome::Failed(error));
+        }
+    }
+
+    /// The first IN failure, if any.
+    pub(crate) fn fault(&self) -> Option<Fault> {
+        self.completions.fault()
+    }
+
+    /// Copies the next bytes of the stream into `buf`: `Ok(None)` when nothing has completed,
+    /// the failure once the data before it has been read. A transfer is resubmitted as soon as
+    /// its last byte has been copied out.
+    pub(crate) fn recv(
+        &mut self,
+        buf: &mut [u8],
+        counters: &Counters,
+    ) -> Result<Option<usize>, Fault> {
+        // Read the fault before the queue: completions queue data before they record a fault,
+        // so data that arrived before the failure is always delivered first.
+        let fault = self.completions.fault();
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        // Each turn either returns or retires one queued transfer (at most one per slot).
+        for _ in 0..=self.pool.slots() {
+            let Some(head) = self.completions.head() else {
+                break;
+            };
+            let data = self.pool.data(head.slot);
+            let end = head.len.min(data.len());
+            let pending = data.get(self.offset..end).unwrap_or(&[]);
+            let n = pending.len().min(buf.len());
+            buf[..n].copy_from_slice(&pending[..n]);
+            if head.len == 0 {
+                counters.in_zlps.fetch_add(1, Ordering::Relaxed);
+            } else if self.offset == 0 {
+                counters.in_transfers.fetch_add(1, Ordering::Relaxed);
+                counters.in_bytes.fetch_add(end as u64, Ordering::Relaxed);
+            }
+            if self.offset + n >= end {
+                self.completions.pop();
+                self.offset = 0;
+                self.submit(head.slot);
+            } else {
+                self.offset += n;
+            }
+            if n > 0 {
+                return Ok(Some(n));
+            }
+        }
+        match fault {
+            Some(fault) => Err(fault),
+            None => Ok(None),
+        }
+    }
+
+    /// Cancels every transfer, waits for their completions (at most the cancel wait) and
+    /// stops the pool. Idempotent.
+    pub(crate) fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        self.completions.set_closing();
+        if self.started {
+            for slot in 0..self.pool.slots() {
+                self.pool.cancel(slot);
+            }
+            if !self.completions.wait_idle(self.cancel_wait) {
+                log::error!(
+                    "USB: IN transfers still in flight {} ms after cancelling them",
+                    self.cancel_wait.as_millis()
+                );
+            }
+        }
+        self.pool.stop();
+    }
+}
+
+impl Drop for AsyncReader {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ordering, backpressure, failure and shutdown logic against a fake bus: the test plays
+    //! the host controller, completing the oldest submitted transfer (as libusb does on one
+    //! endpoint) with the bytes it chooses.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::time::Instant;
+
+    #[derive(Default)]
+    struct Bus {
+        /// Submitted slots, oldest first (what the "controller" completes next).
+        queued: VecDeque<usize>,
+        /// Every submission, in order.
+        submissions: Vec<usize>,
+        cancels: Vec<usize>,
+        /// Errors for the next submissions.
+        submit_errors: VecDeque<rusb::Error>,
+        /// Cancel completes the transfer at once (as libusb soon does); false: never.
+        cancel_completes: bool,
+        started: bool,
+        stopped: bool,
+    }
+
+    /// The pool: its buffers are what the test "controller" wrote into `written` when it
+    /// completed the slot.
+    struct FakePool {
+        bus: Arc<Mutex<Bus>>,
+        completions: Arc<Completions>,
+        written: Arc<Mutex<Vec<Vec<u8>>>>,
+        buffers: Vec<Vec<u8>>,
+    }
+
+    impl InPool for FakePool {
+        fn slots(&self) -> usize {
+            self.buffers.len()
+        }
+
+        fn start(&mut self) -> Result<(), LinkError> {
+            self.bus.lock().unwrap().started = true;
+            Ok(())
+        }
+
+        fn submit(&mut self, slot: usize) -> Result<(), rusb::Error> {
+            let mut bus = self.bus.lock().unwrap();
+            assert!(!bus.queued.contains(&slot), "slot {slot} submitted twice");
+            if let Some(e) = bus.submit_errors.pop_front() {
+                return Err(e);
+            }
+            bus.queued.push_back(slot);
+            bus.submissions.push(slot);
+            Ok(())
+        }
+
+        fn data(&mut self, slot: usize) -> &[u8] {
+            assert!(
+                !self.bus.lock().unwrap().queued.contains(&slot),
+                "slot {slot} read while in flight"
+            );
+            self.buffers[slot].clone_from(&self.written.lock().unwrap()[slot]);
+            &self.buffers[slot]
+        }
+
+        fn cancel(&mut self, slot: usize) {
+            let mut bus = self.bus.lock().unwrap();
+            bus.cancels.push(slot);
+            if bus.cancel_completes {
+                if let Some(i) = bus.queued.iter().position(|&s| s == slot) {
+                    bus.queued.remove(i);
+                    drop(bus);
+                    self.completions.completed(slot, Outcome::Cancelled);
+                }
+            }
+        }
+
+        fn stop(&mut self) {
+            self.bus.lock().unwrap().stopped = true;
+        }
+    }
+
+    struct Rig {
+        bus: Arc<Mutex<Bus>>,
+        completions: Arc<Completions>,
+        written: Arc<Mutex<Vec<Vec<u8>>>>,
+        reader: AsyncReader,
+        counters: Counters,
+        poll: mio::Poll,
+        events: mio::Events,
+    }
+
+    fn rig(slots: usize) -> Rig {
+        let bus = Arc::new(Mutex::new(Bus {
+            cancel_completes: true,
+            ..Bus::default()
+        }));
+        let completions = Completions::new(slots);
+        let written = Arc::new(Mutex::new(vec![Vec::new(); slots]));
+        let pool = FakePool {
+            bus: Arc::clone(&bus),
+            completions: Arc::clone(&completions),
+            written: Arc::clone(&written),
+            buffers: vec![Vec::new(); slots],
+        };
+        let reader = AsyncReader::new(Box::new(pool), Arc::clone(&completions));
+        let poll = mio::Poll::new().unwrap();
+        Rig {
+            bus,
+            completions,
+            reader,
+            counters: Counters::default(),
+            poll,
+            events: mio::Events::with_capacity(4),
+            written,
+        }
+    }
+
+    impl Rig {
+        fn start(&mut self) {
+            let waker = Arc::new(mio::Waker::new(self.poll.registry(), mio::Token(0)).unwrap());
+            self.reader.start(waker).unwrap();
+        }
+
+        /// The controller completes the oldest submitted transfer with `data`.
+        fn complete(&self, data: &[u8]) -> usize {
+            let slot = self
+                .bus
+                .lock()
+                .unwrap()
+                .queued
+                .pop_front()
+                .expect("nothing in flight");
+            self.written.lock().unwrap()[slot] = data.to_vec();
+            self.completions.completed(slot, Outcome::Data(data.len()));
+            slot
+        }
+
+        fn fail(&self, error: rusb::Error) {
+            let slot = self
+                .bus
+                .lock()
+                .unwrap()
+                .queued
+                .pop_front()
+                .expect("nothing in flight");
+            self.completions.completed(slot, Outcome::Failed(error));
+        }
+
+        fn in_flight(&self) -> Vec<usize> {
+            self.bus.lock().unwrap().queued.iter().copied().collect()
+        }
+
+        fn submissions(&self) -> Vec<usize> {
+            self.bus.lock().unwrap().submissions.clone()
+        }
+
+        fn recv(&mut self, size: usize) -> Result<Option<Vec<u8>>, Fault> {
+            let mut buf = vec![0; size];
+            Ok(self
+                .reader
+                .recv(&mut buf, &self.counters)?
+                .map(|n| buf[..n].to_vec()))
+        }
+
+        /// Everything `recv` gives until `None`, concatenated.
+        fn drain(&mut self, size: usize) -> Vec<u8> {
+            let mut out = Vec::new();
+            for _ in 0..1000 {
+                match self.recv(size).unwrap() {
+                    Some(chunk) => out.extend_from_slice(&chunk),
+                    None => return out,
+                }
+            }
+            panic!("recv never returned None");
+        }
+
+        /// Whether the device thread's waker fired since the last call.
+        fn woken(&mut self) -> bool {
+            self.poll
+                .poll(&mut self.events, Some(Duration::ZERO))
+                .unwrap();
+            !self.events.is_empty()
+        }
+    }
+
+    #[test]
+    fn start_submits_every_slot_and_nothing_before() {
+        let mut r = rig(4);
+        assert!(r.submissions().is_empty());
+        assert!(!r.bus.lock().unwrap().started);
+        r.start();
+        assert!(r.bus.lock().unwrap().started);
+        assert_eq!(r.in_flight(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn completions_are_delivered_in_order_and_resubmitted_after_consumption() {
+        let mut r = rig(3);
+        r.start();
+        assert!(!r.woken());
+        r.complete(b"first ");
+        assert!(r.woken(), "empty -> non-empty wakes the device thread");
+        r.complete(b"second ");
+        assert!(!r.woken(), "a non-empty queue needs no second wake");
+        r.complete(b"third");
+        // All three complete, none consumed: none is resubmitted (backpressure).
+        assert!(r.in_flight().is_empty());
+        assert_eq!(r.submissions(), vec![0, 1, 2]);
+        // Read 4 bytes: slot 0 is not drained, so it is not resubmitted yet.
+        assert_eq!(r.recv(4).unwrap().unwrap(), b"firs");
+        assert!(r.in_flight().is_empty());
+        assert_eq!(r.recv(100).unwrap().unwrap(), b"t ");
+        assert_eq!(r.in_flight(), vec![0], "drained slot 0 goes back at once");
+        assert_eq!(r.drain(100), b"second third");
+        assert_eq!(r.in_flight(), vec![0, 1, 2]);
+        assert_eq!(r.counters.in_transfers.load(Ordering::Relaxed), 3);
+        assert_eq!(r.counters.in_bytes.load(Ordering::Relaxed), 18);
+        // The rotation continues in the same order.
+        assert_eq!(r.complete(b"fourth"), 0);
+        assert_eq!(r.drain(100), b"fourth");
+        assert_eq!(r.in_flight(), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn a_device_thread_that_falls_behind_stops_resubmission() {
+        let mut r = rig(2);
+        r.start();
+        r.complete(b"a");
+        r.complete(b"b");
+        // The "phone" has more, but nothing is in flight to carry it.
+        assert!(r.in_flight().is_empty());
+        assert_eq!(r.recv(1).unwrap().unwrap(), b"a");
+        assert_eq!(r.in_flight(), vec![0]);
+        r.complete(b"c");
+        assert_eq!(r.drain(10), b"bc");
+        assert_eq!(r.in_flight(), vec![1, 0]);
+    }
+
+    #[test]
+    fn zero_length_completions_are_skipped_and_resubmitted() {
+        let mut r = rig(3);
+        r.start();
+        r.complete(b"");
+        r.complete(b"x");
+        r.complete(b"");
+        assert_eq!(r.drain(10), b"x");
+        assert_eq!(r.counters.in_zlps.load(Ordering::Relaxed), 2);
+        assert_eq!(r.counters.in_transfers.load(Ordering::Relaxed), 1);
+        assert_eq!(r.in_flight(), vec![0, 1, 2]);
+        // A lone ZLP: recv resubmits it and has nothing to give.
+        r.complete(b"");
+        assert_eq!(r.recv(10).unwrap(), None);
+        assert_eq!(r.in_flight(), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn a_failed_transfer_delivers_earlier_data_then_the_fault() {
+        let mut r = rig(3);
+        r.start();
+        r.complete(b"before");
+        assert!(r.woken());
+        r.fail(rusb::Error::NoDevice);
+        assert_eq!(r.reader.fault(), Some(Fault::Disconnected));
+        // A transfer that still completes after the fault is not delivered (hole in stream).
+        r.complete(b"after");
+        assert_eq!(r.recv(100).unwrap().unwrap(), b"before");
+        assert_eq!(r.recv(100), Err(Fault::Disconnected));
+        assert_eq!(r.recv(100), Err(Fault::Disconnected));
+        // Consumed slot 0 is not resubmitted after the fault.
+        assert!(r.in_flight().is_empty());
+        assert_eq!(r.submissions(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_fault_wakes_the_device_thread() {
+        let mut r = rig(2);
+        r.start();
+        r.fail(rusb::Error::Io);
+        assert!(r.woken());
+        assert_eq!(
+            r.recv(10),
+            Err(Fault::Usb {
+                what: "bulk IN",
+                error: rusb::Error::Io
+            })
+        );
+        // The other transfer is still in flight until close cancels it.
+        assert_eq!(r.in_flight(), vec![1]);
+        r.reader.close();
+        assert!(r.in_flight().is_empty());
+    }
+
+    #[test]
+    fn a_failed_resubmission_is_a_fault_after_the_data() {
+        let mut r = rig(1);
+        r.start();
+        r.complete(b"last");
+        r.bus
+            .lock()
+            .unwrap()
+            .submit_errors
+            .push_back(rusb::Error::NoDevice);
+        assert_eq!(r.recv(100).unwrap().unwrap(), b"last");
+        assert_eq!(r.recv(100), Err(Fault::Disconnected));
+        assert!(r.in_flight().is_empty());
+        assert!(r.completions.wait_idle(Duration::ZERO), "count balanced");
+    }
+
+    #[test]
+    fn a_failed_first_submission_is_reported() {
+        let mut r = rig(2);
+        r.bus
+            .lock()
+            .unwrap()
+            .submit_errors
+            .push_back(rusb::Error::Access);
+        r.start();
+        assert!(r.woken());
+        assert!(
+            r.in_flight().is_empty(),
+            "no submission after the first fails"
+        );
+        assert!(matches!(r.recv(10), Err(Fault::Usb { .. })));
+    }
+
+    #[test]
+    fn an_unexpected_cancellation_is_a_fault() {
+        let mut r = rig(2);
+        r.start();
+        let slot = r.bus.lock().unwrap().queued.pop_front().unwrap();
+        r.completions.completed(slot, Outcome::Cancelled);
+        assert!(r.recv(10).is_err());
+    }
+
+    #[test]
+    fn close_cancels_in_flight_transfers_and_waits_for_them() {
+        let mut r = rig(4);
+        r.start();
+        r.complete(b"pending");
+        r.reader.close();
+        let bus = r.bus.lock().unwrap();
+        assert_eq!(bus.cancels, vec![0, 1, 2, 3]);
+        assert!(bus.queued.is_empty());
+        assert!(bus.stopped);
+        drop(bus);
+        assert!(r.completions.wait_idle(Duration::ZERO));
+        // Closing twice (close, then drop) cancels once.
+        r.reader.close();
+        assert_eq!(r.bus.lock().unwrap().cancels.len(), 4);
+    }
+
+    #[test]
+    fn close_waits_for_completions_that_come_from_another_thread() {
+        let mut r = rig(3);
+        r.bus.lock().unwrap().cancel_completes = false;
+        r.start();
+        let (bus, completions) = (Arc::clone(&r.bus), Arc::clone(&r.completions));
+        let event_thread = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let slots: Vec<usize> = bus.lock().unwrap().queued.drain(..).collect();
+            for slot in slots {
+                completions.completed(slot, Outcome::Cancelled);
+            }
+        });
+        let t0 = Instant::now();
+        r.reader.close();
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(40),
+            "returned after {waited:?}"
+        );
+        assert!(r.bus.lock().unwrap().stopped);
+        assert!(r.completions.wait_idle(Duration::ZERO));
+        event_thread.join().unwrap();
+        // Cancellations during close are not faults.
+        assert_eq!(r.reader.fault(), None);
+    }
+
+    #[test]
+    fn close_does_not_hang_when_cancellations_never_come() {
+        let r = rig(2);
+        let Rig {
+            bus,
+            completions,
+            reader,
+            ..
+        } = r;
+        bus.lock().unwrap().cancel_completes = false;
+        let mut reader = reader.with_cancel_wait(Duration::from_millis(100));
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        reader.start(waker).unwrap();
+        let t0 = Instant::now();
+        drop(reader);
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(
+            bus.lock().unwrap().stopped,
+            "the pool is told to stop anyway"
+        );
+        assert!(!completions.wait_idle(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_reader_never_started_submits_and_cancels_nothing() {
+        let r = rig(2);
+        let bus = Arc::clone(&r.bus);
+        drop(r);
+        let bus = bus.lock().unwrap();
+        assert!(bus.submissions.is_empty());
+        assert!(bus.cancels.is_empty());
+        assert!(bus.stopped);
+    }
+
+    #[test]
+    fn nothing_is_submitted_after_close() {
+        let mut r = rig(2);
+        r.start();
+        r.complete(b"ab");
+        r.reader.close();
+        let before = r.submissions();
+        // The queued data is still readable; its slot is not resubmitted.
+        assert_eq!(r.recv(10).unwrap().unwrap(), b"ab");
+        assert_eq!(r.submissions(), before);
+    }
+}
