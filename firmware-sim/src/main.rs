@@ -265,6 +265,12 @@ mod gadget {
                 format!("OUT transfer of {len} bytes while unplugged: dropped")
             }
             GadgetEvent::Phone(Event::Readable(_) | Event::Writable(_)) => return None,
+            GadgetEvent::Phone(Event::Incoming { id, port }) => {
+                format!("phone: connection {} to port {port}", id.index())
+            }
+            GadgetEvent::Phone(Event::Reset { id, reason }) => {
+                format!("phone: connection {} reset: {reason}", id.index())
+            }
             GadgetEvent::Phone(e) => format!("phone: {e:?}"),
         })
     }

@@ -136,6 +136,8 @@ pub struct RunStats {
     pub out_dropped: u64,
     /// IN packets given to the writer (ZLPs not counted).
     pub in_packets: u64,
+    /// IN packets the writer follows with a ZLP (their length is a multiple of the packet size).
+    pub in_zlps: u64,
     /// SETUP requests stalled.
     pub stalls: u64,
 }
@@ -299,6 +301,7 @@ impl Runner {
                                 data,
                                 zlp,
                             };
+                            // Never blocks: at most IN_FLIGHT packets are queued.
                             if in_tx.send(packet).is_err() {
                                 return Err(GadgetError::Endpoint {
                                     endpoint: "IN",
@@ -307,6 +310,7 @@ impl Runner {
                             }
                             in_flight += 1;
                             stats.in_packets += 1;
+                            stats.in_zlps += u64::from(zlp);
                         }
                         Ok(None) => break,
                         Err(e) if e.required > buf.len() => buf.resize(e.required, 0),
