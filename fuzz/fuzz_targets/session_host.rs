@@ -1,53 +1,80 @@
-//! A host Session fed arbitrary device transfers interleaved with arbitrary API calls and
-//! time steps. Invariants: no panic, poll_transmit output always parses as a mux packet of the
-//! negotiated form and respects max_transfer, the number of live connections never exceeds the
-//! pool, and every loop is bounded.
+//! A host Session fed arbitrary device transfers interleaved with arbitrary API calls
+//! (connect/send/recv/reset/unplug) and time steps; input format: `usbmux_fuzz::host_ops`.
+//!
+//! Invariants: no panic; every poll_transmit output parses as a mux packet of the negotiated
+//! form, respects max_transfer and, when it carries TCP data, stays inside the window the
+//! device advertised (the highest `ack + window` the device ever sent on that connection); a
+//! read never returns more than the receive buffer holds; the number of live connections never
+//! exceeds the pool; every loop is bounded.
 #![no_main]
 
-use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use usbmux_core::wire::{HeaderKind, MuxPacket, MuxRepr};
 use usbmux_core::{Buffers, Host, Instant, Session, SessionConfig};
+use usbmux_fuzz::host_ops::{decode, Op};
+use usbmux_fuzz::window::{tcp_as, Edges};
+use usbmux_fuzz::Reader;
 
-#[derive(Arbitrary, Debug)]
-enum Op {
-    Transfer(Vec<u8>),
-    /// A well-formed v2 VERSION reply, so the fuzzer reaches the active phase quickly.
-    VersionReply(u8),
-    Connect(u16),
-    Send(u8, Vec<u8>),
-    Recv(u8, u16),
-    Reset(u8),
-    Advance(u16),
-    Disconnect,
-}
+const RX: usize = 1024;
 
-fuzz_target!(|ops: Vec<Op>| {
+fuzz_target!(|data: &[u8]| {
+    let mut r = Reader::new(data);
     let mut s = Session::<Host, Vec<u8>, 4>::new(SessionConfig::default(), 1);
     let mut now = Instant::ZERO;
     let mut ids = Vec::new();
     let mut buf = vec![0u8; 65536];
-    for op in ops.into_iter().take(200) {
-        match op {
-            Op::Transfer(t) => s.handle_transfer(now, &t),
+    let mut edges = Edges::default();
+    let mut steps = 0;
+    while !r.is_empty() && steps < 200 {
+        steps += 1;
+        match decode(&mut r) {
+            Op::Transfer(t) => {
+                edges.note_transfer(t);
+                s.handle_transfer(now, t);
+            }
             Op::VersionReply(major) => s.handle_transfer(
                 now,
-                &[0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, major % 4, 0, 0, 0, 0, 0, 0, 0, 0],
+                &[
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    20,
+                    0,
+                    0,
+                    0,
+                    major % 4,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
             ),
             Op::Connect(port) => {
-                if let Ok(id) = s.connect(port, Buffers::new(vec![0; 1024], vec![0; 1024])) {
+                if let Ok(id) = s.connect(port, Buffers::new(vec![0; 1024], vec![0; RX])) {
                     ids.push(id);
                 }
             }
             Op::Send(i, data) => {
                 if let Some(&id) = ids.get(i as usize % ids.len().max(1)) {
-                    let _ = s.send(id, &data);
+                    if let Ok(n) = s.send(id, data) {
+                        assert!(n <= data.len());
+                    }
                 }
             }
             Op::Recv(i, n) => {
                 if let Some(&id) = ids.get(i as usize % ids.len().max(1)) {
                     let mut b = vec![0u8; n as usize];
-                    let _ = s.recv(id, &mut b);
+                    if let Ok(m) = s.recv(id, &mut b) {
+                        assert!(m <= b.len() && m <= RX);
+                    }
                 }
             }
             Op::Reset(i) => {
@@ -66,15 +93,32 @@ fuzz_target!(|ops: Vec<Op>| {
                 Ok(Some(t)) => {
                     assert!(t.len <= s.config().max_transfer);
                     let pkt = &buf[..t.len];
-                    let kind = if s.version() == Some(2) && pkt[3] != 0 { HeaderKind::V2 } else { HeaderKind::V1 };
+                    let kind = if s.version() == Some(2) && pkt[3] != 0 {
+                        HeaderKind::V2
+                    } else {
+                        HeaderKind::V1
+                    };
                     let p = MuxPacket::new_checked(pkt, kind).expect("our packets check");
                     MuxRepr::parse(&p).expect("our packets parse");
+                    let seg = if edges.confused {
+                        None
+                    } else {
+                        tcp_as(pkt, kind)
+                    };
+                    if let Some(seg) = seg {
+                        edges.check(&seg);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => panic!("a 64 KiB buffer was too small: {e:?}"),
             }
         }
         while s.poll_event().is_some() {}
+        for id in s.connection_ids().collect::<Vec<_>>() {
+            if let Some(c) = s.connection(id) {
+                assert!(c.recv_queue() <= RX);
+            }
+        }
         assert!(s.connection_count() <= 4);
     }
 });

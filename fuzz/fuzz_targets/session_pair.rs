@@ -1,47 +1,66 @@
 //! A host and a device Session talking through a cable that drops, duplicates, reorders and
-//! corrupts packets as the fuzzer chooses, while both applications send, read and reset.
+//! corrupts packets as the fuzzer chooses, while both applications send, read and reset; input
+//! format: `usbmux_fuzz::pair_ops`. After the fuzzer's operations the cable turns perfect and
+//! both sides run (bounded) until nothing moves.
 //!
-//! Invariants: no panic; every stream is a prefix-exact copy of what was sent (each byte read at
-//! stream offset k equals the sender's byte k) for as long as the connection lives and for the
-//! data read after it ended — a fault may only ever end a connection, never alter its bytes;
-//! pools stay bounded. Corruption is limited to header fields that carry no payload identity
-//! (mux protocol, magic and sequence counters, TCP seq, data offset, window): usbmux has no
-//! checksum, so a corrupted payload byte, port, flags byte (an RST turned into FIN|ACK makes its
-//! reason text look like data) or — on the host's byte-stream side — mux length (a longer one
-//! swallows the next packet's bytes as payload) is undetectable by design, not a bug of this
-//! engine (`firmware-sim`'s fault table documents those outcomes).
+//! Invariants:
+//! - no panic;
+//! - every stream is a prefix-exact copy of what was sent (each byte read at stream offset k
+//!   equals the sender's byte k), also for data read after the connection ended — a fault may
+//!   only ever end a connection, never alter its bytes;
+//! - after the drain, a connection that is still established on both sides has delivered every
+//!   byte sent on it, both ways (so a fault ends a connection or is recovered from, never
+//!   leaves it silently stuck);
+//! - data a side sends stays inside the window its peer advertised (the highest edge of any
+//!   packet that reached it on that connection);
+//! - receive queues never exceed their buffers, pools and cable queues stay bounded.
+//!
+//! Corruption is limited to header fields that carry no payload identity (mux protocol, magic
+//! and sequence counters, TCP seq, data offset, window): usbmux has no checksum, so a corrupted
+//! payload byte, port, flags byte (an RST turned into FIN|ACK makes its reason text look like
+//! data) or — on the host's byte-stream side — mux length (a longer one swallows the next
+//! packet's bytes as payload) is undetectable by design, not a bug of this engine
+//! (`firmware-sim`'s fault table documents those outcomes).
 #![no_main]
 
 use std::collections::VecDeque;
 
-use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use usbmux_core::{Buffers, ConnId, Device, Duration, Event, Host, Instant, Session, SessionConfig};
+use usbmux_core::tcp::State;
+use usbmux_core::wire::HeaderKind;
+use usbmux_core::{
+    Buffers, ConnId, Device, Duration, Event, Host, Instant, Session, SessionConfig,
+};
+use usbmux_fuzz::pair_ops::{decode, Fault, Op};
+use usbmux_fuzz::window::{tcp_as, Edges};
+use usbmux_fuzz::Reader;
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Fault {
-    Pass,
-    Drop,
-    Duplicate,
-    Swap,
-    Corrupt { at: u8, xor: u8 },
+const BUF: usize = 2048;
+
+/// `FUZZ_TRACE=1` prints every packet and operation (for reading a crash:
+/// `FUZZ_TRACE=1 target/x86_64-unknown-linux-gnu/release/session_pair CRASH_FILE`).
+fn trace() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some())
 }
 
-#[derive(Arbitrary, Debug)]
-enum Op {
-    Connect,
-    HostSend(u8, u16),
-    DevSend(u8, u16),
-    HostRead(u8, u16),
-    DevRead(u8, u16),
-    HostReset(u8),
-    ToDevice(Fault),
-    ToHost(Fault),
-    Advance(u8),
+fn show(what: &str, version: Option<u32>, pkt: &[u8]) {
+    if trace() {
+        let kind = World::kind(version, pkt);
+        eprintln!(
+            "{what}: {}",
+            usbmux_core::wire::Summary { bytes: pkt, kind }
+        );
+    }
 }
+
+type HostS = Session<Host, Vec<u8>, 4>;
+type DevS = Session<Device, Vec<u8>, 4, 0>;
 
 fn byte_at(conn: usize, dir: usize, k: u64) -> u8 {
-    (k.wrapping_mul(31).wrapping_add(conn as u64 * 7 + dir as u64 * 101) % 253) as u8
+    (k.wrapping_mul(31)
+        .wrapping_add(conn as u64 * 7 + dir as u64 * 101)
+        % 253) as u8
 }
 
 struct Stream {
@@ -61,7 +80,9 @@ struct Conn {
 fn corrupt(pkt: &mut [u8], at: u8, xor: u8) {
     // Mux protocol 0..4, magic and counters 8..16, TCP seq 20..24 (after a 16-byte header),
     // data offset 28, window 30..32.
-    const FIELDS: [usize; 22] = [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 28, 30, 31, 28, 30, 31];
+    const FIELDS: [usize; 22] = [
+        0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 28, 30, 31, 28, 30, 31,
+    ];
     let i = FIELDS[at as usize % FIELDS.len()];
     if let Some(b) = pkt.get_mut(i) {
         *b ^= xor | 1;
@@ -69,7 +90,9 @@ fn corrupt(pkt: &mut [u8], at: u8, xor: u8) {
 }
 
 fn deliver(q: &mut VecDeque<Vec<u8>>, fault: Fault) -> Vec<Vec<u8>> {
-    let Some(mut p) = q.pop_front() else { return Vec::new() };
+    let Some(mut p) = q.pop_front() else {
+        return Vec::new();
+    };
     match fault {
         Fault::Pass => vec![p],
         Fault::Drop => Vec::new(),
@@ -85,108 +108,326 @@ fn deliver(q: &mut VecDeque<Vec<u8>>, fault: Fault) -> Vec<Vec<u8>> {
     }
 }
 
-fuzz_target!(|ops: Vec<Op>| {
-    let mut host = Box::new(Session::<Host, Vec<u8>, 4>::new(SessionConfig::default(), 1));
-    let mut dev = Box::new(Session::<Device, Vec<u8>, 4, 0>::new(SessionConfig::default()));
-    let mut now = Instant::ZERO;
-    let mut conns: Vec<Conn> = Vec::new();
-    let mut next_tag = 0usize;
-    let mut to_dev: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut to_host: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut buf = vec![0u8; 65536];
-    let mut scratch = vec![0u8; 65536];
-    for op in ops.into_iter().take(300) {
-        match op {
-            Op::Connect => {
-                if let Ok(id) = host.connect(7, Buffers::new(vec![0; 2048], vec![0; 2048])) {
-                    next_tag += 1;
-                    conns.push(Conn { tag: next_tag, host: id, dev: None, streams: [Stream { sent: 0, read: 0 }, Stream { sent: 0, read: 0 }] });
-                }
-            }
-            Op::HostSend(i, n) | Op::DevSend(i, n) if !conns.is_empty() => {
-                let host_side = matches!(op, Op::HostSend(..));
-                let ci = i as usize % conns.len();
-                let c = &mut conns[ci];
-                let d = if host_side { 0 } else { 1 };
-                let data: Vec<u8> = (0..u64::from(n % 4096)).map(|k| byte_at(c.tag, d, c.streams[d].sent + k)).collect();
-                let r = if host_side { host.send(c.host, &data) } else if let Some(id) = c.dev { dev.send(id, &data) } else { Ok(0) };
-                if let Ok(m) = r {
-                    c.streams[d].sent += m as u64;
-                }
-            }
-            Op::HostRead(i, n) | Op::DevRead(i, n) if !conns.is_empty() => {
-                let host_side = matches!(op, Op::HostRead(..));
-                let ci = i as usize % conns.len();
-                let c = &mut conns[ci];
-                let d = if host_side { 1 } else { 0 };
-                let want = usize::from(n) % 4096 + 1;
-                let r = if host_side { host.recv(c.host, &mut scratch[..want]) } else if let Some(id) = c.dev { dev.recv(id, &mut scratch[..want]) } else { Ok(0) };
-                if let Ok(m) = r {
-                    for (k, &b) in scratch[..m].iter().enumerate() {
-                        let off = c.streams[d].read + k as u64;
-                        assert!(off < c.streams[d].sent, "more bytes arrived than were sent");
-                        assert_eq!(b, byte_at(c.tag, d, off), "byte {off} of stream {}/{d} altered", c.tag);
+/// Reads up to `want` bytes of one stream and checks each against the sender's pattern.
+/// Returns how many were read.
+fn read_checked(
+    host: &mut HostS,
+    dev: &mut DevS,
+    c: &mut Conn,
+    host_side: bool,
+    want: usize,
+    scratch: &mut [u8],
+) -> usize {
+    let d = if host_side { 1 } else { 0 };
+    let r = if host_side {
+        host.recv(c.host, &mut scratch[..want])
+    } else if let Some(id) = c.dev {
+        dev.recv(id, &mut scratch[..want])
+    } else {
+        Ok(0)
+    };
+    let Ok(m) = r else { return 0 };
+    assert!(m <= want);
+    for (k, &b) in scratch[..m].iter().enumerate() {
+        let off = c.streams[d].read + k as u64;
+        assert!(off < c.streams[d].sent, "more bytes arrived than were sent");
+        assert_eq!(
+            b,
+            byte_at(c.tag, d, off),
+            "byte {off} of stream {}/{d} altered",
+            c.tag
+        );
+    }
+    c.streams[d].read += m as u64;
+    m
+}
+
+struct World {
+    host: Box<HostS>,
+    dev: Box<DevS>,
+    now: Instant,
+    conns: Vec<Conn>,
+    to_dev: VecDeque<Vec<u8>>,
+    to_host: VecDeque<Vec<u8>>,
+    /// Edges advertised to the host (by packets that reached it), and to the device.
+    host_edges: Edges,
+    dev_edges: Edges,
+    buf: Vec<u8>,
+}
+
+impl World {
+    fn kind(version: Option<u32>, pkt: &[u8]) -> HeaderKind {
+        if version == Some(2) && pkt[3] != 0 {
+            HeaderKind::V2
+        } else {
+            HeaderKind::V1
+        }
+    }
+
+    fn to_device(&mut self, p: &[u8]) {
+        show("  => device", self.dev.version(), p);
+        self.dev_edges.note_transfer(p);
+        self.dev.handle_transfer(self.now, p);
+    }
+
+    fn to_host(&mut self, p: &[u8]) {
+        show("  => host", self.host.version(), p);
+        self.host_edges.note_transfer(p);
+        self.host.handle_transfer(self.now, p);
+    }
+
+    /// Moves what both sides want to send onto the cable and handles their events. Returns
+    /// whether anything was sent.
+    fn pump(&mut self) -> bool {
+        let mut moved = false;
+        for _ in 0..32 {
+            match self.host.poll_transmit(self.now, &mut self.buf) {
+                Ok(Some(t)) => {
+                    let pkt = &self.buf[..t.len];
+                    show("host sends", self.host.version(), pkt);
+                    if let Some(seg) = tcp_as(pkt, Self::kind(self.host.version(), pkt)) {
+                        self.host_edges.check(&seg);
                     }
-                    c.streams[d].read += m as u64;
+                    moved = true;
+                    if self.to_dev.len() < 256 {
+                        self.to_dev.push_back(pkt.to_vec());
+                    }
                 }
-            }
-            Op::HostReset(i) if !conns.is_empty() => {
-                let ci = i as usize % conns.len();
-                let c = conns.remove(ci);
-                let _ = host.reset(c.host, "fuzz reset");
-                if let Some(id) = c.dev {
-                    let _ = dev.reset(id, "");
-                }
-            }
-            Op::ToDevice(f) => {
-                for p in deliver(&mut to_dev, f) {
-                    dev.handle_transfer(now, &p);
-                }
-            }
-            Op::ToHost(f) => {
-                for p in deliver(&mut to_host, f) {
-                    host.handle_transfer(now, &p);
-                }
-            }
-            Op::Advance(ms) => {
-                now += Duration::from_millis(u64::from(ms) * 10);
-                host.handle_timeout(now);
-                dev.handle_timeout(now);
-            }
-            _ => {}
-        }
-        for _ in 0..32 {
-            match host.poll_transmit(now, &mut buf) {
-                Ok(Some(t)) if to_dev.len() < 256 => to_dev.push_back(buf[..t.len].to_vec()),
-                _ => break,
+                Ok(None) => break,
+                Err(e) => panic!("a 64 KiB buffer was too small: {e:?}"),
             }
         }
         for _ in 0..32 {
-            match dev.poll_transmit(now, &mut buf) {
-                Ok(Some(t)) if to_host.len() < 256 => to_host.push_back(buf[..t.len].to_vec()),
-                _ => break,
+            match self.dev.poll_transmit(self.now, &mut self.buf) {
+                Ok(Some(t)) => {
+                    let pkt = &self.buf[..t.len];
+                    show("device sends", self.dev.version(), pkt);
+                    if let Some(seg) = tcp_as(pkt, Self::kind(self.dev.version(), pkt)) {
+                        self.dev_edges.check(&seg);
+                    }
+                    moved = true;
+                    if self.to_host.len() < 256 {
+                        self.to_host.push_back(pkt.to_vec());
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => panic!("a 64 KiB buffer was too small: {e:?}"),
             }
         }
-        while host.poll_event().is_some() {}
-        while let Some(e) = dev.poll_event() {
+        while let Some(e) = self.host.poll_event() {
+            if trace() {
+                eprintln!("host event {e:?}");
+            }
+        }
+        while let Some(e) = self.dev.poll_event() {
+            if trace() {
+                eprintln!("device event {e:?}");
+            }
             if let Event::Incoming { id, .. } = e {
                 // Pair the device's connection with the host's by port (a duplicated or
                 // corrupted SYN can make an extra one, which is reset).
-                if dev.accept(id, Buffers::new(vec![0; 2048], vec![0; 2048])).is_ok() {
-                    let remote = dev.connection(id).map(|c| c.remote_port());
-                    let owner = conns.iter_mut().find(|c| {
+                if self
+                    .dev
+                    .accept(id, Buffers::new(vec![0; BUF], vec![0; BUF]))
+                    .is_ok()
+                {
+                    let remote = self.dev.connection(id).map(|c| c.remote_port());
+                    let host = &self.host;
+                    let owner = self.conns.iter_mut().find(|c| {
                         c.dev.is_none() && host.connection(c.host).map(|h| h.local_port()) == remote
                     });
                     match owner {
                         Some(c) => c.dev = Some(id),
                         None => {
-                            let _ = dev.reset(id, "unexpected");
+                            let _ = self.dev.reset(id, "unexpected");
                         }
                     }
                 }
             }
         }
-        assert!(host.connection_count() <= 4);
-        assert!(dev.connection_count() <= 4);
+        self.check_bounds();
+        moved
+    }
+
+    fn check_bounds(&self) {
+        assert!(self.host.connection_count() <= 4);
+        assert!(self.dev.connection_count() <= 4);
+        for id in self.host.connection_ids() {
+            assert!(self.host.connection(id).map_or(0, |c| c.recv_queue()) <= BUF);
+        }
+        for id in self.dev.connection_ids() {
+            assert!(self.dev.connection(id).map_or(0, |c| c.recv_queue()) <= BUF);
+        }
+    }
+
+    fn established(&self, c: &Conn) -> bool {
+        self.host.state(c.host) == Some(State::Established)
+            && c.dev
+                .is_some_and(|id| self.dev.state(id) == Some(State::Established))
+    }
+
+    fn complete(&self, c: &Conn) -> bool {
+        c.streams.iter().all(|s| s.read == s.sent)
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut r = Reader::new(data);
+    let mut w = World {
+        host: Box::new(HostS::new(SessionConfig::default(), 1)),
+        dev: Box::new(DevS::new(SessionConfig::default())),
+        now: Instant::ZERO,
+        conns: Vec::new(),
+        to_dev: VecDeque::new(),
+        to_host: VecDeque::new(),
+        host_edges: Edges::default(),
+        dev_edges: Edges::default(),
+        buf: vec![0u8; 65536],
+    };
+    let mut next_tag = 0usize;
+    let mut scratch = vec![0u8; 65536];
+    let mut steps = 0;
+    while !r.is_empty() && steps < 300 {
+        steps += 1;
+        let op = decode(&mut r);
+        if trace() {
+            eprintln!("{op:?}");
+        }
+        match op {
+            Op::Connect => {
+                if let Ok(id) = w.host.connect(7, Buffers::new(vec![0; BUF], vec![0; BUF])) {
+                    next_tag += 1;
+                    w.conns.push(Conn {
+                        tag: next_tag,
+                        host: id,
+                        dev: None,
+                        streams: [Stream { sent: 0, read: 0 }, Stream { sent: 0, read: 0 }],
+                    });
+                }
+            }
+            Op::HostSend(i, n) | Op::DevSend(i, n) if !w.conns.is_empty() => {
+                let host_side = matches!(op, Op::HostSend(..));
+                let ci = i as usize % w.conns.len();
+                let c = &mut w.conns[ci];
+                let d = if host_side { 0 } else { 1 };
+                let data: Vec<u8> = (0..u64::from(n % 4096))
+                    .map(|k| byte_at(c.tag, d, c.streams[d].sent + k))
+                    .collect();
+                let r = if host_side {
+                    w.host.send(c.host, &data)
+                } else if let Some(id) = c.dev {
+                    w.dev.send(id, &data)
+                } else {
+                    Ok(0)
+                };
+                if let Ok(m) = r {
+                    assert!(m <= data.len());
+                    c.streams[d].sent += m as u64;
+                }
+            }
+            Op::HostRead(i, n) | Op::DevRead(i, n) if !w.conns.is_empty() => {
+                let host_side = matches!(op, Op::HostRead(..));
+                let ci = i as usize % w.conns.len();
+                let want = usize::from(n) % 4096 + 1;
+                read_checked(
+                    &mut w.host,
+                    &mut w.dev,
+                    &mut w.conns[ci],
+                    host_side,
+                    want,
+                    &mut scratch,
+                );
+            }
+            Op::HostReset(i) | Op::DevReset(i) if !w.conns.is_empty() => {
+                let ci = i as usize % w.conns.len();
+                let c = w.conns.remove(ci);
+                // The side named resets first, so its RST is what the peer sees.
+                if matches!(op, Op::HostReset(..)) {
+                    let _ = w.host.reset(c.host, "fuzz reset");
+                    if let Some(id) = c.dev {
+                        let _ = w.dev.reset(id, "");
+                    }
+                } else {
+                    if let Some(id) = c.dev {
+                        let _ = w.dev.reset(id, "fuzz reset");
+                    }
+                    let _ = w.host.reset(c.host, "");
+                }
+            }
+            Op::ToDevice(f) => {
+                for p in deliver(&mut w.to_dev, f) {
+                    w.to_device(&p);
+                }
+            }
+            Op::ToHost(f) => {
+                for p in deliver(&mut w.to_host, f) {
+                    w.to_host(&p);
+                }
+            }
+            Op::Advance(ms) => {
+                w.now += Duration::from_millis(u64::from(ms) * 10);
+                w.host.handle_timeout(w.now);
+                w.dev.handle_timeout(w.now);
+            }
+            _ => {}
+        }
+        w.pump();
+    }
+
+    // The drain: a perfect cable, both applications reading everything, time moving on.
+    if trace() {
+        eprintln!("drain");
+    }
+    for _ in 0..200 {
+        let mut moved = false;
+        while let Some(p) = w.to_dev.pop_front() {
+            w.to_device(&p);
+            moved = true;
+        }
+        while let Some(p) = w.to_host.pop_front() {
+            w.to_host(&p);
+            moved = true;
+        }
+        for ci in 0..w.conns.len() {
+            for host_side in [true, false] {
+                for _ in 0..8 {
+                    if read_checked(
+                        &mut w.host,
+                        &mut w.dev,
+                        &mut w.conns[ci],
+                        host_side,
+                        4096,
+                        &mut scratch,
+                    ) == 0
+                    {
+                        break;
+                    }
+                    moved = true;
+                }
+            }
+        }
+        moved |= w.pump();
+        let done = w.conns.iter().all(|c| !w.established(c) || w.complete(c));
+        if !moved {
+            if done {
+                break;
+            }
+            w.now += Duration::from_millis(500);
+            w.host.handle_timeout(w.now);
+            w.dev.handle_timeout(w.now);
+        }
+    }
+    for c in &w.conns {
+        if w.established(c) {
+            assert!(
+                w.complete(c),
+                "connection {} still established on both sides but stuck: host→device {}/{} bytes, device→host {}/{}",
+                c.tag,
+                c.streams[0].read,
+                c.streams[0].sent,
+                c.streams[1].read,
+                c.streams[1].sent
+            );
+        }
     }
 });

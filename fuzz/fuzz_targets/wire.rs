@@ -12,7 +12,14 @@ fuzz_target!(|data: &[u8]| {
     for kind in [HeaderKind::V1, HeaderKind::V2] {
         let _ = format!("{}", Summary { bytes: data, kind });
         if let Ok(p) = MuxPacket::new_checked(data, kind) {
-            let _ = (p.protocol(), p.total_len(), p.magic(), p.tx_seq(), p.rx_seq(), p.payload());
+            let _ = (
+                p.protocol(),
+                p.total_len(),
+                p.magic(),
+                p.tx_seq(),
+                p.rx_seq(),
+                p.payload(),
+            );
             if let Ok(r) = MuxRepr::parse(&p) {
                 let mut buf = vec![0xa5u8; r.buffer_len()];
                 let mut q = MuxPacket::new_unchecked(&mut buf[..], r.kind());
