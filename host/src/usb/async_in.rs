@@ -178,29 +178,38 @@ impl Completions {
         lock(&self.queue).fault
     }
 
-    fn head(&self) -> Option<Done> {
-        lock(&self.queue).done.front().copied()
+    /// The first failure and the oldest completed transfer, under one lock.
+    fn peek(&self) -> (Option<Fault>, Option<Done>) {
+        let q = lock(&self.queue);
+        (q.fault, q.done.front().copied())
     }
 
-    fn pop(&self) {
-        lock(&self.queue).done.pop_front();
+    /// Retires the oldest completed transfer and, if submitting is still allowed (no fault,
+    /// not closing), counts its resubmission, under one lock. True: submit it now.
+    fn retire(&self) -> bool {
+        let mut q = lock(&self.queue);
+        q.done.pop_front();
+        Self::claim(&mut q)
     }
 
-    /// Counts a submission about to happen (before it, since its completion may come first).
-    fn submitting(&self) {
-        lock(&self.queue).in_flight += 1;
+    /// Counts a submission about to happen (before it, since its completion may come first) if
+    /// submitting is still allowed. True: submit it now.
+    fn begin_submit(&self) -> bool {
+        Self::claim(&mut lock(&self.queue))
+    }
+
+    fn claim(q: &mut Queue) -> bool {
+        let open = q.fault.is_none() && !q.closing;
+        if open {
+            q.in_flight += 1;
+        }
+        open
     }
 
     /// Marks the start of close: no more submissions, cancellations expected. Returns whether
     /// it was already closing.
     fn set_closing(&self) -> bool {
         std::mem::replace(&mut lock(&self.queue).closing, true)
-    }
-
-    /// Whether submitting is still allowed (no fault, not closing).
-    fn open(&self) -> bool {
-        let q = lock(&self.queue);
-        q.fault.is_none() && !q.closing
     }
 
     /// Waits until no transfer is in flight, at most `limit`; true if none is.
@@ -256,16 +265,15 @@ impl AsyncReader {
         self.pool.start()?;
         self.started = true;
         for slot in 0..self.pool.slots() {
-            self.submit(slot);
+            if self.completions.begin_submit() {
+                self.submit(slot);
+            }
         }
         Ok(())
     }
 
+    /// Submits `slot`, already counted as in flight.
     fn submit(&mut self, slot: usize) {
-        if !self.completions.open() {
-            return;
-        }
-        self.completions.submitting();
         if let Err(error) = self.pool.submit(slot) {
             // Nothing was submitted: report it as the completion that will never come.
             self.completions.completed(slot, Outcome::Failed(error));
@@ -285,16 +293,19 @@ impl AsyncReader {
         buf: &mut [u8],
         counters: &Counters,
     ) -> Result<Option<usize>, Fault> {
-        // Read the fault before the queue: completions queue data before they record a fault,
-        // so data that arrived before the failure is always delivered first.
-        let fault = self.completions.fault();
         if buf.is_empty() {
             return Ok(None);
         }
-        // Each turn either returns or retires one queued transfer (at most one per slot).
+        // Each turn either returns or retires one zero-length transfer.
         for _ in 0..=self.pool.slots() {
-            let Some(head) = self.completions.head() else {
-                break;
+            // The fault is read with the queue: completions queue data before they record a
+            // fault, so data that arrived before the failure is always delivered first.
+            let (fault, head) = self.completions.peek();
+            let Some(head) = head else {
+                return match fault {
+                    Some(fault) => Err(fault),
+                    None => Ok(None),
+                };
             };
             let data = self.pool.data(head.slot);
             let end = head.len.min(data.len());
@@ -308,9 +319,10 @@ impl AsyncReader {
                 counters.in_bytes.fetch_add(end as u64, Ordering::Relaxed);
             }
             if self.offset + n >= end {
-                self.completions.pop();
                 self.offset = 0;
-                self.submit(head.slot);
+                if self.completions.retire() {
+                    self.submit(head.slot);
+                }
             } else {
                 self.offset += n;
             }
@@ -318,10 +330,13 @@ impl AsyncReader {
                 return Ok(Some(n));
             }
         }
-        match fault {
-            Some(fault) => Err(fault),
-            None => Ok(None),
+        // Zero-length transfers kept coming for a whole turn: the queue is not empty, so no
+        // completion will wake the device thread for what is left. Wake it ourselves so that
+        // this `None` does not strand it.
+        if let Some(waker) = self.completions.waker.get() {
+            wake(waker);
         }
+        Ok(None)
     }
 
     /// Cancels every transfer, waits for their completions (at most the cancel wait) and
@@ -374,6 +389,9 @@ mod tests {
         submit_errors: VecDeque<rusb::Error>,
         /// Cancel completes the transfer at once (as libusb soon does); false: never.
         cancel_completes: bool,
+        /// Every submission completes at once with a zero-length packet (a phone sending only
+        /// ZLPs, faster than the device thread retires them).
+        zlp_on_submit: bool,
         started: bool,
         stopped: bool,
     }
@@ -403,8 +421,14 @@ mod tests {
             if let Some(e) = bus.submit_errors.pop_front() {
                 return Err(e);
             }
-            bus.queued.push_back(slot);
             bus.submissions.push(slot);
+            if bus.zlp_on_submit {
+                drop(bus);
+                self.written.lock().unwrap()[slot].clear();
+                self.completions.completed(slot, Outcome::Data(0));
+                return Ok(());
+            }
+            bus.queued.push_back(slot);
             Ok(())
         }
 
@@ -606,6 +630,27 @@ mod tests {
         r.complete(b"");
         assert_eq!(r.recv(10).unwrap(), None);
         assert_eq!(r.in_flight(), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn endless_zero_length_packets_do_not_spin_or_strand_the_device_thread() {
+        let mut r = rig(2);
+        r.start();
+        r.complete(b"");
+        r.complete(b"");
+        assert!(r.woken());
+        // From now on the queue never runs empty, so completions wake nobody.
+        r.bus.lock().unwrap().zlp_on_submit = true;
+        // Every retired ZLP comes straight back: recv gives up after a bounded turn...
+        assert_eq!(r.recv(10).unwrap(), None);
+        // ...and, with the queue still non-empty, wakes the device thread itself.
+        assert!(
+            r.woken(),
+            "a None with completions still queued must come with a wake"
+        );
+        r.bus.lock().unwrap().zlp_on_submit = false;
+        assert_eq!(r.drain(10), b"");
+        assert_eq!(r.in_flight().len(), 2);
     }
 
     #[test]
