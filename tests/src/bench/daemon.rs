@@ -32,7 +32,8 @@ pub const SOURCE: u16 = 19;
 pub struct Rig {
     /// Dropped last: the processes go first.
     pub daemon: Proc,
-    _sim: Option<Proc>,
+    /// `usbmux-sim serve`, when the phones are out of process.
+    pub sim: Option<Proc>,
     /// `USBMUXD_SOCKET_ADDRESS` of the daemon.
     pub address: String,
     /// DeviceIDs of the phones.
@@ -86,7 +87,7 @@ impl Rig {
         devices.sort_unstable();
         Rig {
             daemon,
-            _sim: sim,
+            sim,
             address,
             devices,
             dir,
@@ -299,8 +300,8 @@ pub struct Outcome {
     pub min_mbs: f64,
     /// Fastest connection's MB/s.
     pub max_mbs: f64,
-    /// CPU seconds of the watched process per GB (payload, one direction).
-    pub cpu_per_gb: f64,
+    /// CPU seconds of the watched processes per GB (payload, one direction).
+    pub cpu_per_gb: [f64; 3],
 }
 
 /// Runs `conns` transfers of `total / conns` bytes each in parallel, all started together.
@@ -309,7 +310,7 @@ fn parallel(
     service: Service,
     conns: usize,
     total: u64,
-    watch: Option<u32>,
+    watch: [Option<u32>; 3],
 ) -> Result<Outcome, String> {
     let per = total / conns as u64;
     let block = Arc::new(match service {
@@ -330,7 +331,7 @@ fn parallel(
             })
         })
         .collect();
-    let cpu0 = watch.map(cpu_seconds);
+    let cpu0 = watch.map(|p| p.map(cpu_seconds));
     barrier.wait();
     let t0 = Instant::now();
     let mut times = Vec::new();
@@ -338,17 +339,17 @@ fn parallel(
         times.push(h.join().map_err(|_| "transfer panicked".to_string())??);
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = match (watch, cpu0) {
-        (Some(pid), Some(c0)) => cpu_seconds(pid) - c0,
-        _ => f64::NAN,
-    };
     let moved = per * conns as u64;
+    let cpu = [0, 1, 2].map(|k| match (watch[k], cpu0[k]) {
+        (Some(pid), Some(c0)) => (cpu_seconds(pid) - c0) / (moved as f64 / 1e9),
+        _ => f64::NAN,
+    });
     let rates: Vec<f64> = times.iter().map(|t| per as f64 / t / 1e6).collect();
     Ok(Outcome {
         aggregate_mbs: moved as f64 / wall / 1e6,
         min_mbs: rates.iter().copied().fold(f64::INFINITY, f64::min),
         max_mbs: rates.iter().copied().fold(0.0, f64::max),
-        cpu_per_gb: cpu / (moved as f64 / 1e9),
+        cpu_per_gb: cpu,
     })
 }
 
@@ -382,21 +383,25 @@ pub fn run(quick: bool, rows: &mut Vec<Row>) {
                 service,
                 conns,
                 total,
-                None,
+                [None, None, None],
             );
             let o = parallel(
                 &rig_open(&oop),
                 service,
                 conns,
                 total,
-                Some(oop.daemon.pid()),
+                [
+                    Some(oop.daemon.pid()),
+                    oop.sim.as_ref().map(Proc::pid),
+                    Some(std::process::id()),
+                ],
             );
             let i = parallel(
                 &rig_open(&inproc),
                 service,
                 conns,
                 total,
-                Some(inproc.daemon.pid()),
+                [Some(inproc.daemon.pid()), None, None],
             );
             let (b, o, i) = match (b, o, i) {
                 (Ok(b), Ok(o), Ok(i)) => (b, o, i),
@@ -446,7 +451,25 @@ pub fn run(quick: bool, rows: &mut Vec<Row>) {
             rows.push(Row::new(
                 "daemon",
                 format!("{what}, daemon CPU (phone out of process)"),
-                o.cpu_per_gb,
+                o.cpu_per_gb[0],
+                "CPU s/GB",
+            ));
+            rows.push(Row::new(
+                "daemon",
+                format!("{what}, phone process CPU (usbmux-sim serve)"),
+                o.cpu_per_gb[1],
+                "CPU s/GB",
+            ));
+            rows.push(Row::new(
+                "daemon",
+                format!("{what}, client CPU (this process; phone out of process)"),
+                o.cpu_per_gb[2],
+                "CPU s/GB",
+            ));
+            rows.push(Row::new(
+                "daemon",
+                format!("{what}, daemon + phone CPU (phone in process)"),
+                i.cpu_per_gb[0],
                 "CPU s/GB",
             ));
             if conns > 1 {

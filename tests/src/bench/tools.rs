@@ -160,7 +160,7 @@ fn inetcat_run(
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = {
         let done = done.clone();
-        let limit = Duration::from_secs(20) + Duration::from_secs_f64(total as f64 / 20e6);
+        let limit = Duration::from_secs(5) + Duration::from_secs_f64(total as f64 / 50e6);
         std::thread::spawn(move || {
             let t = Instant::now();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
