@@ -412,7 +412,16 @@ fuzz_target!(|data: &[u8]| {
             if done {
                 break;
             }
-            w.now += Duration::from_millis(500);
+            // Nothing moves: jump to the next timer (a probe, a timeout). None at all means
+            // nothing will ever move again; the check below judges that state.
+            let next = match (w.host.poll_timeout(), w.dev.poll_timeout()) {
+                (Some(a), Some(b)) => Some(if a < b { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            let Some(next) = next else { break };
+            if next > w.now {
+                w.now = next;
+            }
             w.host.handle_timeout(w.now);
             w.dev.handle_timeout(w.now);
         }
