@@ -60,6 +60,10 @@ struct GadgetArgs {
     /// match the interface). Decimal or 0x-hex.
     #[arg(long, value_name = "N", value_parser = parse_u8, requires = "functionfs")]
     subclass: Option<u8>,
+    /// One blocking read/write at a time per endpoint instead of several transfers queued
+    /// through Linux AIO (slower: the controller waits for userspace between transfers).
+    #[arg(long, requires = "functionfs")]
+    blocking_io: bool,
     /// Log every FunctionFS event, stalled request and phone event (connections) on stderr.
     #[arg(long, short, requires = "functionfs")]
     verbose: bool,
@@ -317,6 +321,11 @@ mod gadget {
             dir,
             &descriptors::usbmux_function(subclass).to_bytes(),
             &descriptors::usbmux_strings(),
+            if args.blocking_io {
+                functionfs::IoMode::Blocking
+            } else {
+                functionfs::IoMode::Queued
+            },
         )
         .map_err(|e| e.to_string())?;
         let verbose = args.verbose;

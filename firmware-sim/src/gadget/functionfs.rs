@@ -3,7 +3,7 @@
 //! (see [`super::descriptors`]).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -76,7 +76,8 @@ pub fn open(
     dir: &Path,
     descriptors: &[u8],
     strings: &[u8],
-) -> Result<Endpoints<File, File, InFile>, FunctionFsError> {
+    io: IoMode,
+) -> Result<Endpoints<File, OutEndpoint, InEndpoint>, FunctionFsError> {
     let path = dir.join("ep0");
     let err = |path: &Path, what: &'static str| {
         let path = path.to_path_buf();
@@ -116,10 +117,127 @@ pub fn open(
             .map_err(err(&in_path, "open"))?,
     );
     let probe = Arc::clone(&inp);
+    let (out, inp) = endpoints(out, inp, io, &out_path, &in_path)?;
     Ok(Endpoints {
         ep0,
         out,
-        inp: InFile(inp),
+        inp,
         max_packet_size: Box::new(move || endpoint_max_packet_size(&probe)),
     })
+}
+
+/// How the bulk endpoints are driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// Several transfers queued per endpoint through Linux AIO (`super::aio`), where this build
+    /// has it; blocking otherwise.
+    #[default]
+    Queued,
+    /// One blocking `read`/`write` at a time (one request queued per endpoint: slower, simpler).
+    Blocking,
+}
+
+#[cfg(all(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    target_endian = "little"
+))]
+fn endpoints(
+    out: File,
+    inp: Arc<File>,
+    io: IoMode,
+    out_path: &Path,
+    in_path: &Path,
+) -> Result<(OutEndpoint, InEndpoint), FunctionFsError> {
+    use super::aio::{AioIn, AioOut};
+    use crate::cable::DEVICE_READ_LEN;
+    use usbmux_core::usb::MAX_PACKET;
+    if io == IoMode::Blocking {
+        return Ok((
+            OutEndpoint::Blocking(out),
+            InEndpoint::Blocking(InFile(inp)),
+        ));
+    }
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FunctionFsError {
+            path,
+            what: "set up AIO",
+            source,
+        }
+    };
+    let out = AioOut::new(out.into(), DEVICE_READ_LEN).map_err(err(out_path))?;
+    let dup = inp.try_clone().map_err(err(in_path))?;
+    let inp = AioIn::new(dup.into(), MAX_PACKET).map_err(err(in_path))?;
+    Ok((OutEndpoint::Queued(out), InEndpoint::Queued(inp)))
+}
+
+#[cfg(not(all(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    target_endian = "little"
+)))]
+fn endpoints(
+    out: File,
+    inp: Arc<File>,
+    _io: IoMode,
+    _out_path: &Path,
+    _in_path: &Path,
+) -> Result<(OutEndpoint, InEndpoint), FunctionFsError> {
+    Ok((
+        OutEndpoint::Blocking(out),
+        InEndpoint::Blocking(InFile(inp)),
+    ))
+}
+
+/// The bulk OUT endpoint as opened by [`open`].
+pub enum OutEndpoint {
+    /// One blocking read at a time.
+    Blocking(File),
+    /// Several reads queued.
+    #[cfg(all(
+        any(target_arch = "x86_64", target_arch = "aarch64"),
+        target_endian = "little"
+    ))]
+    Queued(super::aio::AioOut),
+}
+
+impl Read for OutEndpoint {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            OutEndpoint::Blocking(f) => f.read(buf),
+            #[cfg(all(
+                any(target_arch = "x86_64", target_arch = "aarch64"),
+                target_endian = "little"
+            ))]
+            OutEndpoint::Queued(a) => a.read(buf),
+        }
+    }
+}
+
+/// The bulk IN endpoint as opened by [`open`].
+pub enum InEndpoint {
+    /// One blocking write at a time.
+    Blocking(InFile),
+    /// Several writes in flight.
+    #[cfg(all(
+        any(target_arch = "x86_64", target_arch = "aarch64"),
+        target_endian = "little"
+    ))]
+    Queued(super::aio::AioIn),
+}
+
+impl Write for InEndpoint {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            InEndpoint::Blocking(f) => f.write(buf),
+            #[cfg(all(
+                any(target_arch = "x86_64", target_arch = "aarch64"),
+                target_endian = "little"
+            ))]
+            InEndpoint::Queued(a) => a.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }

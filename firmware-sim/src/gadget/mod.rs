@@ -26,6 +26,11 @@
 //! The endpoints are generic ([`std::io::Read`]/[`std::io::Write`]), so the whole runner is
 //! tested against in-memory fakes; [`functionfs`] opens the real files.
 
+#[cfg(all(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    target_endian = "little"
+))]
+pub mod aio;
 pub mod configfs;
 pub mod descriptors;
 pub mod ep0;
