@@ -54,6 +54,8 @@ pub struct PhoneSpec {
     pub plugs: Vec<Faults>,
     /// Whether the last schedule entry applies to every later plug too.
     pub repeat_last: bool,
+    /// Starts unplugged: the daemon cannot plug it in before [`PhoneHandle::plug_in`].
+    pub start_unplugged: bool,
 }
 
 impl PhoneSpec {
@@ -63,6 +65,7 @@ impl PhoneSpec {
             cfg: PhoneConfig::simulated(k),
             plugs: Vec::new(),
             repeat_last: false,
+            start_unplugged: false,
         }
     }
 
@@ -72,6 +75,7 @@ impl PhoneSpec {
             cfg: PhoneConfig::simulated(k),
             plugs: vec![faults],
             repeat_last: false,
+            start_unplugged: false,
         }
     }
 
@@ -81,7 +85,14 @@ impl PhoneSpec {
             cfg: PhoneConfig::simulated(k),
             plugs: vec![faults],
             repeat_last: true,
+            start_unplugged: false,
         }
+    }
+
+    /// The same phone, starting unplugged.
+    pub fn unplugged(mut self) -> PhoneSpec {
+        self.start_unplugged = true;
+        self
     }
 
     fn faults_for(&self, plug: u64) -> Faults {
@@ -111,6 +122,8 @@ struct Shared {
     /// No accept before this instant (a phone kept unplugged).
     hold_off: Mutex<Option<std::time::Instant>>,
     plugs: AtomicU64,
+    /// Plugs that have ended.
+    ends: AtomicU64,
     /// Fired rules of the current plug, updated live.
     current_fired: Mutex<Vec<usize>>,
     history: Mutex<Vec<PlugRecord>>,
@@ -140,6 +153,11 @@ impl PhoneHandle {
         self.shared.plugs.load(Ordering::SeqCst)
     }
 
+    /// How many of its plugs have ended (unplugged by the test, a fault or the daemon).
+    pub fn plug_ends(&self) -> u64 {
+        self.shared.ends.load(Ordering::SeqCst)
+    }
+
     /// Pulls the cable now (UNPLUG) and keeps the phone away for `away` (the daemon's watcher
     /// retries and plugs it in again after that).
     pub fn unplug_for(&self, away: Duration) {
@@ -149,6 +167,20 @@ impl PhoneHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now() + away);
         self.shared.unplug.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets the daemon plug it in (ends a hold-off at once).
+    pub fn plug_in(&self) {
+        *self
+            .shared
+            .hold_off
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Keeps it unplugged until [`PhoneHandle::plug_in`] (pulling the cable if it is in).
+    pub fn unplug(&self) {
+        self.unplug_for(Duration::from_secs(365 * 24 * 3600));
     }
 
     /// Rules fired so far on the current (or last) plug.
@@ -199,6 +231,10 @@ impl FaultyPhones {
                 udid: spec.cfg.identity.udid.clone(),
                 shared: Arc::new(Shared::default()),
             };
+            if spec.start_unplugged {
+                handle.unplug();
+                handle.shared.unplug.store(false, Ordering::SeqCst);
+            }
             let shared = handle.shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("faulty phone {}", i + 1))
@@ -250,7 +286,15 @@ fn phone_thread(spec: &PhoneSpec, listener: &OwnedFd, shared: &Shared) {
             .unwrap_or_else(PoisonError::into_inner)
             .is_some_and(|t| std::time::Instant::now() < t);
         if held {
-            std::thread::sleep(Duration::from_millis(5));
+            // Unplugged: a daemon that tries is turned away at once (accepted and closed, so
+            // its attempt does not sit in the backlog holding a descriptor for seconds).
+            if wait_fd(
+                listener.as_fd(),
+                PollFlags::POLLIN,
+                Duration::from_millis(5),
+            ) {
+                drop(sock::accept(listener));
+            }
             continue;
         }
         if !wait_fd(
@@ -272,6 +316,8 @@ fn phone_thread(spec: &PhoneSpec, listener: &OwnedFd, shared: &Shared) {
             .clear();
         let mut run = PlugRun::new(spec, spec.faults_for(plug));
         let end = run.serve(&conn, shared);
+        drop(conn);
+        shared.ends.fetch_add(1, Ordering::SeqCst);
         let fired: Vec<usize> = run.inj.fired().iter().map(|f| f.rule).collect();
         shared
             .history
