@@ -454,6 +454,18 @@ pub fn run(quick: bool, rows: &mut Vec<Row>) {
                 o.cpu_per_gb[0],
                 "CPU s/GB",
             ));
+            if conns == 1 {
+                // What the daemon would move with a core of its own, if CPU were its only limit:
+                // the wall figures share 2 cores with the phone, the client and other work.
+                rows.push(Row::new(
+                    "daemon",
+                    format!(
+                        "{what}, daemon's CPU-bound ceiling on one core (1 / its CPU s per GB)"
+                    ),
+                    1000.0 / o.cpu_per_gb[0],
+                    "MB/s",
+                ));
+            }
             rows.push(Row::new(
                 "daemon",
                 format!("{what}, phone process CPU (usbmux-sim serve)"),

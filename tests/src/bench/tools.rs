@@ -223,8 +223,8 @@ struct Tool {
 
 const DIRS: [&str; 2] = ["host→phone (digest)", "phone→host (source)"];
 
-/// Runs rows 4 and 8.
-pub fn run(quick: bool, reps: usize, rows: &mut Vec<Row>) {
+/// Runs rows 4 and 8; `splice_only`: row 8 alone (our iproxy's two copy methods, no C tools).
+pub fn run(quick: bool, reps: usize, splice_only: bool, rows: &mut Vec<Row>) {
     let total: u64 = if quick { 64 << 20 } else { 256 << 20 };
     let c_iproxy = PathBuf::from("/usr/bin/iproxy");
     let c_inetcat = PathBuf::from("/usr/bin/inetcat");
@@ -247,7 +247,7 @@ pub fn run(quick: bool, reps: usize, rows: &mut Vec<Row>) {
         }
         None => eprintln!("bench: build ours: cargo build --release -p usbmux-host --bins"),
     }
-    if c_iproxy.exists() {
+    if c_iproxy.exists() && !splice_only {
         proxies.push(Tool {
             name: "libusbmuxd iproxy (C)",
             bin: c_iproxy,
@@ -255,7 +255,7 @@ pub fn run(quick: bool, reps: usize, rows: &mut Vec<Row>) {
             s: Default::default(),
         });
     }
-    if let Some(p) = sibling("inetcat") {
+    if let Some(p) = sibling("inetcat").filter(|_| !splice_only) {
         cats.push(Tool {
             name: "usbmux-rs inetcat",
             bin: p,
@@ -263,7 +263,7 @@ pub fn run(quick: bool, reps: usize, rows: &mut Vec<Row>) {
             s: Default::default(),
         });
     }
-    if c_inetcat.exists() {
+    if c_inetcat.exists() && !splice_only {
         cats.push(Tool {
             name: "libusbmuxd inetcat (C)",
             bin: c_inetcat,
@@ -271,7 +271,7 @@ pub fn run(quick: bool, reps: usize, rows: &mut Vec<Row>) {
             s: Default::default(),
         });
     }
-    if !c_iproxy_or_inetcat_present(&proxies, &cats) {
+    if !splice_only && !c_iproxy_or_inetcat_present(&proxies, &cats) {
         eprintln!("bench: no C tools (apt-get install libusbmuxd-tools): our figures only");
     }
     let dir = tempfile::tempdir().expect("dir");
@@ -333,8 +333,10 @@ pub fn run(quick: bool, reps: usize, rows: &mut Vec<Row>) {
         }
     }
     d.stop();
-    report(&proxies, "libusbmuxd iproxy (C)", true, rows);
-    report(&cats, "libusbmuxd inetcat (C)", false, rows);
+    if !splice_only {
+        report(&proxies, "libusbmuxd iproxy (C)", true, rows);
+        report(&cats, "libusbmuxd inetcat (C)", false, rows);
+    }
     // Row 8: our iproxy's copy methods against each other.
     if let (Some(buf), Some(spl)) = (
         proxies
@@ -361,6 +363,26 @@ pub fn run(quick: bool, reps: usize, rows: &mut Vec<Row>) {
                 )
                 .baseline("--copy buffer", median(buf.s[dir].cpu_per_gb.clone())),
             );
+            // Both ran back to back in every round: the ratio within a round is the least
+            // exposed to the machine's load drifting between rounds.
+            let ratios: Vec<f64> = spl.s[dir]
+                .mbs
+                .iter()
+                .zip(&buf.s[dir].mbs)
+                .map(|(s, b)| s / b)
+                .collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::INFINITY, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
+            rows.push(Row::new(
+                "splice",
+                format!(
+                    "splice / buffer throughput, {label}, median of {} per-round ratios (range {lo:.2}–{hi:.2})",
+                    ratios.len()
+                ),
+                median(ratios),
+                "×",
+            ));
         }
     }
 }

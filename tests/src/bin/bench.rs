@@ -12,7 +12,9 @@
 //!   iproxy's `--copy splice` against `--copy buffer`);
 //! - `latency`: Connect round trip and 1-byte echo round trip, p50/p99;
 //! - `scale`: 10 000 idle connections over 16 phones: daemon RSS, fds, time to open;
-//! - `footprint`: core code size (freestanding build), RAM per connection.
+//! - `footprint`: core code size (freestanding build), RAM per connection;
+//! - `splice` (only when asked for): our iproxy's `--copy splice` against `--copy buffer`
+//!   alone, with three times the repetitions.
 //!
 //! The daemon, phones and tools it runs are the release binaries next to this one: build them
 //! first (`cargo build --release -p usbmux-host -p usbmux-sim --bins`). Results and the
@@ -42,7 +44,9 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: common::Counting = common::Counting;
 
-const ALL_ROWS: [&str; 7] = [
+/// Rows in the order they run; `splice` (row 8 alone, more repetitions) is not in the default
+/// set, since `tools` measures it too.
+const ALL_ROWS: [&str; 8] = [
     "core",
     "ack",
     "daemon",
@@ -50,6 +54,7 @@ const ALL_ROWS: [&str; 7] = [
     "latency",
     "scale",
     "footprint",
+    "splice",
 ];
 
 struct Args {
@@ -64,7 +69,7 @@ fn args() -> Args {
         quick: false,
         reps: 3,
         json: None,
-        rows: ALL_ROWS.iter().map(|s| s.to_string()).collect(),
+        rows: ALL_ROWS[..7].iter().map(|s| s.to_string()).collect(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -78,7 +83,7 @@ fn args() -> Args {
                     .next()
                     .unwrap_or_default()
                     .split(',')
-                    .map(|s| if s == "splice" { "tools" } else { s }.trim().to_string())
+                    .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())
                     .collect();
                 if let Some(bad) = a.rows.iter().find(|r| !ALL_ROWS.contains(&r.as_str())) {
@@ -136,7 +141,7 @@ fn main() {
         daemon::run(a.quick, &mut rows);
     }
     if want("tools") {
-        tools::run(a.quick, a.reps, &mut rows);
+        tools::run(a.quick, a.reps, false, &mut rows);
     }
     if want("latency") {
         latency::run(a.quick, &mut rows);
@@ -146,6 +151,9 @@ fn main() {
     }
     if want("footprint") {
         footprint::run(&workspace, &mut rows);
+    }
+    if want("splice") {
+        tools::run(a.quick, a.reps * 3, true, &mut rows);
     }
     util::print_table(&rows);
     println!("\ntotal bench time {:.0} s", t0.elapsed().as_secs_f64());
