@@ -303,3 +303,107 @@ fn inetcat_quiet_wait() {
         "{waited:?}"
     );
 }
+
+/// Reads one lockdown message (4-byte big-endian length, then a plist) from `r`.
+fn read_lockdown_reply(r: &mut impl Read) -> plist::Dictionary {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).expect("reply length");
+    let len = u32::from_be_bytes(len) as usize;
+    assert!(len < 1 << 20, "reply of {len} bytes");
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).expect("reply body");
+    plist::from_bytes(&body).expect("reply plist")
+}
+
+/// One framed lockdown request with `Request` = `name` and the given string fields.
+fn lockdown_request(name: &str, fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut d = plist::Dictionary::new();
+    d.insert("Label".into(), "usbmux-rs-test".into());
+    d.insert("Request".into(), name.into());
+    for (k, v) in fields {
+        d.insert((*k).into(), (*v).into());
+    }
+    usbmux_sim::lockdown::frame_xml(&d).expect("frame")
+}
+
+/// Issue 5's real-client case 2 with our tools in place of ideviceinfo/idevice_id: lockdown's
+/// values over `usbmuxctl connect` and `inetcat -u`, the configured ProductVersion exactly.
+#[test]
+fn lockdown_values_through_usbmuxctl_connect_and_inetcat() {
+    let mut phone = PhoneConfig::simulated(2);
+    phone.identity.lockdown.product_version = Some("17.5.1".into());
+    let d = TestDaemon::start(vec![PhoneConfig::simulated(1), phone]);
+    d.wait_for_devices(&[&sim_udid(1), &sim_udid(2)]);
+    let Some(ctl) = ours("usbmuxctl") else { return };
+    let inetcat = ours("inetcat").expect("inetcat");
+    let udid = sim_udid(2);
+    for mut cmd in [
+        {
+            let mut c = d.command(ctl.to_str().expect("utf-8"));
+            c.args(["connect", &udid, "62078"]);
+            c
+        },
+        {
+            let mut c = d.command(inetcat.to_str().expect("utf-8"));
+            c.args(["-u", &udid, "62078"]);
+            c
+        },
+    ] {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd).expect("spawn");
+        // A reply that never comes (a tool holding it in a buffer) must fail the test, not
+        // hang it: the watchdog kills the tool, and the read below sees EOF.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let (done, pid) = (done.clone(), child.pid().to_string());
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid])
+                    .status();
+            })
+        };
+        let mut stdin = child.child().stdin.take().expect("stdin");
+        let mut stdout = child.child().stdout.take().expect("stdout");
+        stdin
+            .write_all(&lockdown_request("QueryType", &[]))
+            .expect("write");
+        let r = read_lockdown_reply(&mut stdout);
+        assert_eq!(
+            r.get("Type").and_then(|v| v.as_string()),
+            Some("com.apple.mobile.lockdown")
+        );
+        for (key, want) in [
+            ("ProductVersion", "17.5.1"),
+            ("DeviceName", "Simulated iPhone 2"),
+            ("UniqueDeviceID", udid.as_str()),
+        ] {
+            stdin
+                .write_all(&lockdown_request("GetValue", &[("Key", key)]))
+                .expect("write");
+            let r = read_lockdown_reply(&mut stdout);
+            assert_eq!(r.get("Key").and_then(|v| v.as_string()), Some(key));
+            assert_eq!(
+                r.get("Value").and_then(|v| v.as_string()),
+                Some(want),
+                "{key}: {r:?}"
+            );
+        }
+        // Pairing is refused as by a locked phone (ideviceinfo's "Password protected").
+        stdin
+            .write_all(&lockdown_request("Pair", &[]))
+            .expect("write");
+        let r = read_lockdown_reply(&mut stdout);
+        assert_eq!(
+            r.get("Error").and_then(|v| v.as_string()),
+            Some("PasswordProtected")
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watchdog.join().expect("watchdog");
+    }
+}

@@ -63,6 +63,10 @@ impl DeviceFilter {
 
 /// Copies `from` → `to` until `from` ends; returns the bytes copied. Large buffer: the phone's
 /// packets carry up to 48 KiB, and fewer system calls matter at hundreds of MB/s.
+///
+/// Every chunk is flushed as it is written: `to` may be a buffered writer such as a locked
+/// stdout, and an interactive peer (a lockdown reply without a final newline) must see the
+/// bytes now, not when more arrive. On sockets `flush` is free.
 pub fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
@@ -74,6 +78,7 @@ pub fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
             Err(e) => return Err(e),
         };
         to.write_all(&buf[..n])?;
+        to.flush()?;
         total += n as u64;
     }
 }
