@@ -38,6 +38,8 @@
 //!    raw allocations (leaked boxes: no live `Box` or `&mut` while libusb writes into them).
 
 #![allow(unsafe_code)]
+// Every unsafe block and impl says why it is sound; clippy holds us to it.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::ptr::NonNull;
