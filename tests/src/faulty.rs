@@ -124,6 +124,8 @@ struct Shared {
     plugs: AtomicU64,
     /// Plugs that have ended.
     ends: AtomicU64,
+    /// When the last plug ended.
+    last_end: Mutex<Option<std::time::Instant>>,
     /// Fired rules of the current plug, updated live.
     current_fired: Mutex<Vec<usize>>,
     history: Mutex<Vec<PlugRecord>>,
@@ -156,6 +158,15 @@ impl PhoneHandle {
     /// How many of its plugs have ended (unplugged by the test, a fault or the daemon).
     pub fn plug_ends(&self) -> u64 {
         self.shared.ends.load(Ordering::SeqCst)
+    }
+
+    /// Whether a plug of it ended within the last `d`.
+    pub fn ended_within(&self, d: Duration) -> bool {
+        self.shared
+            .last_end
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|t| t.elapsed() <= d)
     }
 
     /// Pulls the cable now (UNPLUG) and keeps the phone away for `away` (the daemon's watcher
@@ -318,6 +329,10 @@ fn phone_thread(spec: &PhoneSpec, listener: &OwnedFd, shared: &Shared) {
         let end = run.serve(&conn, shared);
         drop(conn);
         shared.ends.fetch_add(1, Ordering::SeqCst);
+        *shared
+            .last_end
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
         let fired: Vec<usize> = run.inj.fired().iter().map(|f| f.rule).collect();
         shared
             .history

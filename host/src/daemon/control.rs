@@ -670,13 +670,20 @@ impl Control {
             "client {}: Connect to device {device_id} port {port}",
             c.number
         );
-        if !dev.thread.send(DeviceCmd::Connect {
+        if let Err(DeviceCmd::Connect {
+            mut stream,
+            refused,
+            ..
+        }) = dev.thread.try_send(DeviceCmd::Connect {
             stream: c.stream,
             port,
             ok,
             refused,
         }) {
-            warn!("device {device_id} is going away; connection dropped");
+            // The device thread ended a moment ago (its Gone note is on its way): the client
+            // still gets an answer.
+            info!("device {device_id} is going away; Connect refused");
+            let _ = stream.write_all_bounded(&refused, std::time::Duration::from_millis(100));
         }
         false
     }

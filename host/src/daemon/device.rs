@@ -105,6 +105,7 @@ impl DeviceThread {
                 let mut d = Device::new(device_id, link, poll, w, rx, cfg, first_port, notify);
                 let reason = d.run();
                 (d.notify)(DeviceNote::Gone { device_id, reason });
+                d.refuse_queued();
             })?;
         Ok(DeviceThread {
             device_id,
@@ -117,9 +118,15 @@ impl DeviceThread {
 
     /// Sends an order; false if the thread has already ended.
     pub fn send(&self, cmd: DeviceCmd) -> bool {
-        let ok = self.tx.send(cmd).is_ok();
+        self.try_send(cmd).is_ok()
+    }
+
+    /// Sends an order; gives it back if the thread has already ended, so a Connect's client
+    /// can still be answered.
+    pub fn try_send(&self, cmd: DeviceCmd) -> Result<(), DeviceCmd> {
+        let r = self.tx.send(cmd).map_err(|e| e.0);
         let _ = self.waker.wake();
-        ok
+        r
     }
 
     /// Stops the thread and waits for it.
@@ -639,6 +646,24 @@ impl Device {
             }
         }
         self.by_id.clear();
+    }
+
+    /// Connects that were queued while the device went away: answered (refused) rather than
+    /// closed without a word. Called after `Gone` was sent; the control thread may still hand
+    /// over a Connect until it reads that note: once this thread has ended, its send fails and it
+    /// answers the client itself. Only one sent in the instant between this drain and the end
+    /// of the thread goes unanswered (the client sees its socket closed).
+    fn refuse_queued(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let DeviceCmd::Connect {
+                mut stream,
+                refused,
+                ..
+            } = cmd
+            {
+                let _ = stream.write_all_bounded(&refused, std::time::Duration::from_millis(100));
+            }
+        }
     }
 
     /// Daemon shutdown: every connection is reset (RSTs go out), then the link gets a moment.
