@@ -217,11 +217,13 @@ impl fmt::Debug for Runner {
     }
 }
 
-/// True for the errors FunctionFS gives on an endpoint that is not (or no longer) enabled.
+/// True for the errors FunctionFS gives on an endpoint that is not (or no longer) enabled:
+/// `ESHUTDOWN` (disabled under a request), `EAGAIN` (disabled, non-blocking file) and
+/// `ECONNRESET` (a request the controller cancelled).
 fn is_down(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error().map(Errno::from_raw),
-        Some(Errno::ESHUTDOWN) | Some(Errno::EAGAIN)
+        Some(Errno::ESHUTDOWN) | Some(Errno::EAGAIN) | Some(Errno::ECONNRESET)
     )
 }
 
@@ -529,4 +531,20 @@ fn write_transfer(inp: &mut impl Write, data: &[u8]) -> io::Result<()> {
         }
     }
     Err(io::ErrorKind::Interrupted.into())
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn disabled_endpoints_are_told_from_failures() {
+        for e in [Errno::ESHUTDOWN, Errno::EAGAIN, Errno::ECONNRESET] {
+            assert!(is_down(&io::Error::from_raw_os_error(e as i32)), "{e}");
+        }
+        for e in [Errno::EIO, Errno::EBADF, Errno::ENODEV, Errno::EOVERFLOW] {
+            assert!(!is_down(&io::Error::from_raw_os_error(e as i32)), "{e}");
+        }
+        assert!(!is_down(&io::ErrorKind::BrokenPipe.into()));
+    }
 }
