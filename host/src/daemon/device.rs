@@ -194,6 +194,53 @@ struct Device {
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     ready: bool,
+    messages: MessageLog,
+}
+
+/// CONTROL texts of one phone logged per second; more are counted, not logged.
+const MESSAGES_PER_SEC: u32 = 10;
+
+/// Rate limit of the "device says" log line: a phone that floods CONTROL messages must not
+/// flood the daemon's log (and its disk) with them.
+struct MessageLog {
+    device_id: u32,
+    window: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl MessageLog {
+    fn new(device_id: u32) -> Self {
+        MessageLog {
+            device_id,
+            window: std::time::Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a message arriving `now` may be logged; reports what an earlier second
+    /// suppressed when a new second begins.
+    fn admit(&mut self, now: std::time::Instant) -> bool {
+        if now.duration_since(self.window) >= std::time::Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                warn!(
+                    "device {}: {} more device messages not logged (over {MESSAGES_PER_SEC}/s)",
+                    self.device_id, self.suppressed
+                );
+            }
+            self.window = now;
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < MESSAGES_PER_SEC {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
 }
 
 /// Recycled connection buffers kept per device (a burst of short connections reuses them).
@@ -227,6 +274,7 @@ impl Device {
             inbuf: vec![0; 256 * 1024],
             outbuf: vec![0; 65536],
             ready: false,
+            messages: MessageLog::new(device_id),
         }
     }
 
@@ -426,12 +474,14 @@ impl Device {
                     warn!("device {}: usbmux handshake failed", self.device_id)
                 }
                 Event::DeviceMessage(m) => {
-                    warn!(
-                        "device {}: device says ({:?}): {}",
-                        self.device_id,
-                        m.kind,
-                        String::from_utf8_lossy(m.text())
-                    )
+                    if self.messages.admit(std::time::Instant::now()) {
+                        warn!(
+                            "device {}: device says ({:?}): {}",
+                            self.device_id,
+                            m.kind,
+                            String::from_utf8_lossy(m.text())
+                        )
+                    }
                 }
                 Event::Connected(id) => {
                     if let Some(c) = self.conn_mut(id) {
