@@ -382,3 +382,20 @@ pub fn result_of(bytes: &[u8]) -> Option<u32> {
         _ => None,
     }
 }
+
+/// Raises this process's soft limit on open files to its hard limit (tests that hold a
+/// thousand client sockets must not depend on the shell's `ulimit -n`); returns the new limit.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}

@@ -841,6 +841,10 @@ case!(save_pair_record_with_string_data_is_einval, |c| {
 // ---- resource exhaustion ----
 
 case!(thousand_idle_clients, |c| {
+    assert!(
+        hostile::raise_fd_limit() >= 1100,
+        "this test needs 1100 open files"
+    );
     let mut idle = Vec::new();
     for i in 0..1000 {
         match ClientStream::connect(c.rig.address()) {
@@ -865,6 +869,10 @@ case!(thousand_idle_clients, |c| {
 });
 
 case!(thousand_idle_clients_on_tcp, true, |c| {
+    assert!(
+        hostile::raise_fd_limit() >= 1100,
+        "this test needs 1100 open files"
+    );
     let idle: Vec<ClientStream> = (0..1000)
         .map(|_| ClientStream::connect(c.rig.address()).expect("connect"))
         .collect();
