@@ -1,0 +1,683 @@
+//! `usb-vm-client`: the checking and measuring client of the real-kernel USB harness
+//! (`tests/usb-vm/`), run inside the QEMU guest against whichever usbmuxd owns the phone.
+//!
+//! The shell tools of the guest (busybox, the two projects' iproxy and inetcat) can move bytes
+//! but cannot time them, check them against a reference or read a daemon's CPU time at the right
+//! moments, so the harness uses this one client, through the same client library, for both
+//! daemons: any difference in the figures is the daemons', not the clients'.
+//!
+//! Commands (one per line of output the guest script parses; exit status 0 = the check held):
+//!
+//! - `wait --udid U [--gone] [--timeout S]`: until the daemon lists U (prints its DeviceID), or
+//!   with `--gone` until it no longer does.
+//! - `digest TARGET --file F`: sends an 8-byte big-endian length and F to the digest service
+//!   (1999) and prints the SHA-256 the phone answers, in hex (the script compares it with
+//!   `sha256sum F`).
+//! - `echo TARGET --sizes N,N,...`: for each size, that many random bytes to the echo service (7)
+//!   on a fresh connection; every byte must come back in order.
+//! - `drain TARGET [--port P] [--timeout S]`: reads until the connection ends and prints how it
+//!   ended; exit status 3 if it did not end within S seconds (an unplug must not leave it hanging).
+//! - `bench --udid U --pid PID --daemon NAME --rep N [sizes]`: the measurements of issue 7 for one
+//!   daemon, printed as one `@@BENCH key=value ...` line.
+//! - `table FILE`: medians of the `@@BENCH` lines in FILE per daemon (`debian` and our variants),
+//!   and each of ours against Debian's.
+//!
+//! TARGET is `--udid U` (a connection through the daemon's socket, `--socket` or
+//! `USBMUXD_SOCKET_ADDRESS` or /var/run/usbmuxd) or `--tcp HOST:PORT` (through an iproxy that
+//! listens there; the device port is then the proxy's business).
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use usbmux_host::client::{Client, SocketAddress, UsbmuxStream};
+use usbmux_sim::service::source_byte;
+
+/// The phone's service ports (usbmux-sim's).
+const ECHO: u16 = 7;
+const DISCARD: u16 = 9;
+const SOURCE: u16 = 19;
+const DIGEST: u16 = 1999;
+
+/// How long a check waits for bytes before it declares the path stuck: long enough for TCG's
+/// slowest moments, short enough that a hang fails the case well within the boot's timeout.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parsed `--key value` options and flags of one command.
+struct Opts {
+    values: BTreeMap<String, String>,
+    flags: Vec<String>,
+    positional: Vec<String>,
+}
+
+impl Opts {
+    /// Splits `args`: `--gone` is the only flag; every other `--key` takes a value.
+    fn parse(args: &[String]) -> Result<Opts, String> {
+        let mut o = Opts {
+            values: BTreeMap::new(),
+            flags: Vec::new(),
+            positional: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(key) = a.strip_prefix("--") {
+                if key == "gone" {
+                    o.flags.push(key.to_string());
+                } else {
+                    let v = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+                    o.values.insert(key.to_string(), v.clone());
+                }
+            } else {
+                o.positional.push(a.clone());
+            }
+        }
+        Ok(o)
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    fn need(&self, key: &str) -> Result<&str, String> {
+        self.get(key).ok_or_else(|| format!("--{key} is required"))
+    }
+
+    fn num<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, String> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{key} {v:?}: not a number")),
+        }
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        self.flags.iter().any(|f| f == key)
+    }
+}
+
+/// The client of the daemon under test.
+fn client(o: &Opts) -> Result<Client, String> {
+    let address = SocketAddress::resolve(o.get("socket")).map_err(|e| e.to_string())?;
+    Ok(Client::with_address(address)
+        .with_timeout(Duration::from_secs(10))
+        .with_prog_name(Some("usb-vm-client".into())))
+}
+
+/// A connected byte pipe to a device port, through the daemon or a TCP proxy.
+enum Pipe {
+    Mux(UsbmuxStream),
+    Tcp(TcpStream),
+}
+
+impl Pipe {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Pipe::Mux(s) => s.set_read_timeout(t),
+            Pipe::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn try_clone(&self) -> io::Result<Pipe> {
+        Ok(match self {
+            Pipe::Mux(s) => Pipe::Mux(s.try_clone()?),
+            Pipe::Tcp(s) => Pipe::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Pipe::Mux(s) => s.shutdown(Shutdown::Write),
+            Pipe::Tcp(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Pipe::Mux(s) => s.read(buf),
+            Pipe::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Pipe::Mux(s) => s.write(buf),
+            Pipe::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a command's connections go.
+enum Target {
+    /// Through the daemon to the device with this id.
+    Mux { client: Client, device_id: u32 },
+    /// To a TCP port (an iproxy).
+    Tcp(String),
+}
+
+impl Target {
+    fn from_opts(o: &Opts) -> Result<Target, String> {
+        if let Some(addr) = o.get("tcp") {
+            return Ok(Target::Tcp(addr.to_string()));
+        }
+        let udid = o.need("udid")?;
+        let c = client(o)?;
+        let device = c
+            .find_device(udid)
+            .map_err(|e| format!("list devices: {e}"))?
+            .ok_or_else(|| format!("the daemon does not list {udid}"))?;
+        Ok(Target::Mux {
+            client: c,
+            device_id: device.device_id,
+        })
+    }
+
+    /// Connects to `port` (ignored for a TCP target: the proxy chose it). A proxy that was just
+    /// started may not listen yet, so TCP connects are retried for a few seconds.
+    fn connect(&self, port: u16) -> Result<Pipe, String> {
+        match self {
+            Target::Mux { client, device_id } => client
+                .connect(*device_id, port)
+                .map(Pipe::Mux)
+                .map_err(|e| format!("connect to port {port}: {e}")),
+            Target::Tcp(addr) => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match TcpStream::connect(addr.as_str()) {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            return Ok(Pipe::Tcp(s));
+                        }
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(format!("connect to {addr}: {e}"))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A fast deterministic byte generator (xorshift64*), seeded by the caller: the checks need
+/// bytes no framing bug could reproduce by accident, not cryptographic randomness.
+struct Noise(u64);
+
+impl Noise {
+    fn seeded() -> Noise {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64);
+        Noise(t | 1)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `wait`: polls the daemon's device list.
+fn cmd_wait(o: &Opts) -> Result<(), String> {
+    let udid = o.need("udid")?;
+    let gone = o.flag("gone");
+    let timeout = Duration::from_secs_f64(o.num("timeout", 20.0)?);
+    let c = client(o)?.with_timeout(Duration::from_secs(3));
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match c.find_device(udid) {
+            Ok(Some(d)) if !gone => {
+                println!("device {} id {}", d.udid, d.device_id);
+                return Ok(());
+            }
+            Ok(None) if gone => {
+                println!("device {udid} gone");
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{udid} still {} after {timeout:?} {last}",
+                if gone { "listed" } else { "not listed" }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `digest`: the phone's SHA-256 of a file's bytes.
+fn cmd_digest(o: &Opts) -> Result<(), String> {
+    let path = o.need("file")?;
+    let data = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    let target = Target::from_opts(o)?;
+    let t0 = Instant::now();
+    let mut pipe = target.connect(DIGEST)?;
+    pipe.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    pipe.write_all(&(data.len() as u64).to_be_bytes())
+        .and_then(|()| pipe.write_all(&data))
+        .map_err(|e| format!("sending {path}: {e}"))?;
+    let mut hash = [0u8; 32];
+    pipe.read_exact(&mut hash)
+        .map_err(|e| format!("reading the digest: {e}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{}  ({} bytes in {secs:.2} s, {:.1} MB/s)",
+        hex(&hash),
+        data.len(),
+        data.len() as f64 / secs / 1e6
+    );
+    Ok(())
+}
+
+/// `echo`: sizes round trip intact, one fresh connection each.
+fn cmd_echo(o: &Opts) -> Result<(), String> {
+    let sizes: Vec<usize> = o
+        .need("sizes")?
+        .split(',')
+        .map(|s| s.trim().parse().map_err(|_| format!("size {s:?}")))
+        .collect::<Result<_, _>>()?;
+    let target = Target::from_opts(o)?;
+    let mut noise = Noise::seeded();
+    let mut failed = 0;
+    for n in sizes {
+        let mut sent = vec![0u8; n];
+        noise.fill(&mut sent);
+        match echo_once(&target, &sent) {
+            Ok(()) => println!("echo {n} ok"),
+            Err(e) => {
+                println!("echo {n} FAILED: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(format!("{failed} size(s) did not come back intact"));
+    }
+    Ok(())
+}
+
+/// One echo of `sent`: written from a second thread while this one reads, so no buffer size
+/// limits what can be tested.
+fn echo_once(target: &Target, sent: &[u8]) -> Result<(), String> {
+    let mut pipe = target.connect(ECHO)?;
+    pipe.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut writer = pipe.try_clone().map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; sent.len()];
+    std::thread::scope(|s| {
+        let w = s.spawn(|| writer.write_all(sent));
+        let r = pipe.read_exact(&mut got);
+        let w = w
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
+        w.map_err(|e| format!("write: {e}"))?;
+        r.map_err(|e| format!("read: {e}"))
+    })?;
+    if got != sent {
+        let at = got.iter().zip(sent).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(format!("bytes differ from offset {at}"));
+    }
+    // Nothing more may arrive: a duplicated packet would show here.
+    pipe.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let mut extra = [0u8; 1];
+    match pipe.read(&mut extra) {
+        Ok(0) => Err("the connection closed after the echo".into()),
+        Ok(_) => Err("more bytes came back than were sent".into()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// `drain`: how and when a connection ends (used while the phone is unplugged).
+fn cmd_drain(o: &Opts) -> Result<ExitCode, String> {
+    let port: u16 = o.num("port", SOURCE)?;
+    let timeout = Duration::from_secs_f64(o.num("timeout", 20.0)?);
+    let target = Target::from_opts(o)?;
+    let mut pipe = target.connect(port)?;
+    // Short read timeouts so the overall deadline is checked even while nothing arrives.
+    pipe.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    println!("drain: connected");
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        if t0.elapsed() > timeout {
+            println!("drain: still open after {timeout:?} ({total} bytes)");
+            return Ok(ExitCode::from(3));
+        }
+        match pipe.read(&mut buf) {
+            Ok(0) => {
+                println!(
+                    "drain: ended eof after {total} bytes, {:.2} s",
+                    t0.elapsed().as_secs_f64()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(n) => total += n as u64,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                println!(
+                    "drain: ended error ({e}) after {total} bytes, {:.2} s",
+                    t0.elapsed().as_secs_f64()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+}
+
+/// user + system CPU seconds of a process, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // The command name may contain spaces; the fields after its ")" are fixed: utime is the
+    // 12th of them, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<f64, String> {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("/proc/{pid}/stat: field {i} missing"))
+    };
+    let ticks = field(11)? + field(12)?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok(ticks / hz)
+}
+
+/// Peak resident set (VmHWM) of a process in KiB.
+fn peak_rss_kib(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/status: no VmHWM"))
+}
+
+/// Writes `total` bytes to the discard service.
+fn upload(target: &Target, total: u64) -> Result<(), String> {
+    let mut pipe = target.connect(DISCARD)?;
+    let mut block = vec![0u8; 64 * 1024];
+    Noise::seeded().fill(&mut block);
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        pipe.write_all(&block[..n])
+            .map_err(|e| format!("discard write: {e}"))?;
+        left -= n as u64;
+    }
+    pipe.shutdown_write();
+    Ok(())
+}
+
+/// Reads `total` bytes of the source service and checks the first and last byte of every read
+/// against its pattern (every byte would cost the client more CPU than the daemon spends; the
+/// cases check whole streams).
+fn download(target: &Target, total: u64) -> Result<(), String> {
+    let mut pipe = target.connect(SOURCE)?;
+    pipe.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut off: u64 = 0;
+    while off < total {
+        let want = (total - off).min(buf.len() as u64) as usize;
+        let n = pipe
+            .read(&mut buf[..want])
+            .map_err(|e| format!("source read at {off}: {e}"))?;
+        if n == 0 {
+            return Err(format!("source ended at {off} of {total}"));
+        }
+        let last = n - 1;
+        if buf[0] != source_byte(off) || buf[last] != source_byte(off + last as u64) {
+            return Err(format!("source pattern broken near offset {off}"));
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Runs `f` on `n` threads at once; the wall time of the slowest.
+fn parallel(n: usize, f: impl Fn() -> Result<(), String> + Sync) -> Result<f64, String> {
+    let t0 = Instant::now();
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n).map(|_| s.spawn(&f)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    results.into_iter().collect::<Result<Vec<()>, String>>()?;
+    Ok(secs)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `bench`: one daemon's figures, one `@@BENCH` line.
+fn cmd_bench(o: &Opts) -> Result<(), String> {
+    let pid: u32 = o.num("pid", 0)?;
+    if pid == 0 {
+        return Err("--pid is required".into());
+    }
+    let daemon = o.need("daemon")?.to_string();
+    let rep = o.get("rep").unwrap_or("1").to_string();
+    let mib = 1024 * 1024;
+    let up: u64 = o.num("up-mib", 32u64)? * mib;
+    let down: u64 = o.num("down-mib", 16u64)? * mib;
+    let par: usize = o.num("par", 8usize)?.max(1);
+    let par_up: u64 = o.num("par-up-mib", 32u64)? * mib;
+    let par_down: u64 = o.num("par-down-mib", 16u64)? * mib;
+    let connects: usize = o.num("connects", 20usize)?.max(1);
+    let pings: usize = o.num("pings", 200usize)?.max(1);
+    let target = Target::from_opts(o)?;
+
+    let mut out: Vec<(String, String)> = vec![("daemon".into(), daemon), ("rep".into(), rep)];
+    let mut put = |k: &str, v: f64| out.push((k.to_string(), format!("{v:.3}")));
+
+    // One connection each way, with the daemon's CPU time over each transfer.
+    let gib = (1u64 << 30) as f64;
+    let c0 = cpu_seconds(pid)?;
+    let t0 = Instant::now();
+    upload(&target, up)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let c1 = cpu_seconds(pid)?;
+    put("up_mbs", up as f64 / secs / 1e6);
+    put("cpu_up_s_per_gib", (c1 - c0) * gib / up as f64);
+
+    let t0 = Instant::now();
+    download(&target, down)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let c2 = cpu_seconds(pid)?;
+    put("down_mbs", down as f64 / secs / 1e6);
+    put("cpu_down_s_per_gib", (c2 - c1) * gib / down as f64);
+
+    // `par` connections at once, each way.
+    let each_up = par_up / par as u64;
+    let secs = parallel(par, || upload(&target, each_up))?;
+    put("par_up_mbs", (each_up * par as u64) as f64 / secs / 1e6);
+    let each_down = par_down / par as u64;
+    let secs = parallel(par, || download(&target, each_down))?;
+    put("par_down_mbs", (each_down * par as u64) as f64 / secs / 1e6);
+
+    // Connect latency: Connect request to the first echoed byte.
+    let mut lat = Vec::with_capacity(connects);
+    for _ in 0..connects {
+        let t0 = Instant::now();
+        let mut pipe = target.connect(ECHO)?;
+        pipe.set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut b = [0x5a_u8];
+        pipe.write_all(&b).map_err(|e| e.to_string())?;
+        pipe.read_exact(&mut b).map_err(|e| format!("echo: {e}"))?;
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    put("connect_ms", median(lat));
+
+    // 1-byte round trips on one connection.
+    let mut pipe = target.connect(ECHO)?;
+    pipe.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut rtt = Vec::with_capacity(pings);
+    for i in 0..pings {
+        let mut b = [i as u8];
+        let t0 = Instant::now();
+        pipe.write_all(&b).map_err(|e| e.to_string())?;
+        pipe.read_exact(&mut b).map_err(|e| format!("echo: {e}"))?;
+        rtt.push(t0.elapsed().as_secs_f64() * 1e3);
+        if b[0] != i as u8 {
+            return Err("echo returned another byte".into());
+        }
+    }
+    put("rtt_ms", median(rtt));
+    put("rss_mib", peak_rss_kib(pid)? as f64 / 1024.0);
+
+    let line: Vec<String> = out.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("@@BENCH {}", line.join(" "));
+    Ok(())
+}
+
+/// The rows of the table: the `@@BENCH` key and its label.
+const METRICS: &[(&str, &str)] = &[
+    ("up_mbs", "host→device MB/s, 1 connection"),
+    ("down_mbs", "device→host MB/s, 1 connection"),
+    ("par_up_mbs", "host→device MB/s, 8 connections"),
+    ("par_down_mbs", "device→host MB/s, 8 connections"),
+    ("cpu_up_s_per_gib", "daemon CPU s/GiB host→device"),
+    ("cpu_down_s_per_gib", "daemon CPU s/GiB device→host"),
+    ("connect_ms", "Connect → first echo byte, p50 ms"),
+    ("rtt_ms", "1-byte echo round trip, p50 ms"),
+    ("rss_mib", "daemon peak RSS MiB"),
+];
+
+/// `table`: medians per daemon from the `@@BENCH` lines of a file.
+fn cmd_table(o: &Opts) -> Result<(), String> {
+    let path = o
+        .positional
+        .first()
+        .ok_or("table: the file of @@BENCH lines is required")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    // daemon -> metric -> values
+    let mut data: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim_start_matches('\r').strip_prefix("@@BENCH ") else {
+            continue;
+        };
+        let kv: BTreeMap<&str, &str> = rest
+            .split_whitespace()
+            .filter_map(|p| p.split_once('='))
+            .collect();
+        let Some(daemon) = kv.get("daemon") else {
+            continue;
+        };
+        let row = data.entry(daemon.to_string()).or_default();
+        for (k, v) in kv {
+            if let Ok(x) = v.parse::<f64>() {
+                row.entry(k.to_string()).or_default().push(x);
+            }
+        }
+    }
+    // Debian's first, the others (our daemon's variants) after it, each with its ratio.
+    let Some(debian) = data.get("debian") else {
+        return Err("no measurements of Debian's usbmuxd in the file".into());
+    };
+    let others: Vec<(&String, &BTreeMap<String, Vec<f64>>)> = data
+        .iter()
+        .filter(|(d, _)| d.as_str() != "debian")
+        .collect();
+    if others.is_empty() {
+        return Err("no measurements of our usbmuxd in the file".into());
+    }
+    let runs = |m: &BTreeMap<String, Vec<f64>>| m.get("up_mbs").map_or(0, Vec::len);
+    let mut head = format!(
+        "| metric (median of runs) | debian ({} runs) |",
+        runs(debian)
+    );
+    let mut rule = "|---|---|".to_string();
+    for (name, m) in &others {
+        head.push_str(&format!(" {name} ({} runs) | {name} ÷ debian |", runs(m)));
+        rule.push_str("---|---|");
+    }
+    println!("{head}");
+    println!("{rule}");
+    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
+    for (key, label) in METRICS {
+        let d = debian.get(*key).map(|v| median(v.clone()));
+        let mut row = format!("| {label} | {} |", fmt(d));
+        for (_, m) in &others {
+            let u = m.get(*key).map(|v| median(v.clone()));
+            let ratio = match (d, u) {
+                (Some(d), Some(u)) if d > 0.0 => format!("{:.2}", u / d),
+                _ => "-".to_string(),
+            };
+            row.push_str(&format!(" {} | {ratio} |", fmt(u)));
+        }
+        println!("{row}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("usage: usb-vm-client wait|digest|echo|drain|bench|table [options] (see the source's docs)");
+        return ExitCode::from(2);
+    };
+    let result = Opts::parse(rest).and_then(|o| match cmd.as_str() {
+        "wait" => cmd_wait(&o).map(|()| ExitCode::SUCCESS),
+        "digest" => cmd_digest(&o).map(|()| ExitCode::SUCCESS),
+        "echo" => cmd_echo(&o).map(|()| ExitCode::SUCCESS),
+        "drain" => cmd_drain(&o),
+        "bench" => cmd_bench(&o).map(|()| ExitCode::SUCCESS),
+        "table" => cmd_table(&o).map(|()| ExitCode::SUCCESS),
+        other => Err(format!("unknown command {other:?}")),
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("usb-vm-client {cmd}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
