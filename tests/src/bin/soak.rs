@@ -6,10 +6,10 @@
 //!   every byte (echo: compared; digest: SHA-256).
 //! - **Plugs**: every 0.5–2 s a random phone is unplugged for 0.1–1 s (at most half of them at
 //!   once); the daemon re-handshakes it when it comes back.
-//! - **Hostile clients**: one after another, 25–75 ms apart, one of: bad header lengths, an unknown message type, a
-//!   plist nested 9 000 deep, garbage instead of a plist, a pair-record id with `..`, a Connect
-//!   to an absent device, a client that connects and leaves, a Listen client that never reads
-//!   for a second — each with its expected answer checked.
+//! - **Hostile clients**: one after another, 25–75 ms apart, one of: bad header lengths, an
+//!   unknown message type, a plist nested 9 000 deep, garbage instead of a plist, a pair-record
+//!   id with `..`, a Connect to an absent device, a client that connects and leaves, a Listen
+//!   client that never reads for a second — each with its expected answer checked.
 //! - **Listen**: one client listens throughout and must see every notification in order
 //!   (Attached and Detached alternate per DeviceID).
 //! - **Responsiveness**: every second a ListDevices must answer within 100 ms (best of five).
