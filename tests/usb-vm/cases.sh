@@ -152,7 +152,11 @@ stop_daemon() {
     kill $DPID 2> /dev/null
     if ! wait_gone 10 $DPID; then
         kill -9 $DPID
-        fail "$1 usbmuxd exits on SIGTERM" "still running 10 s later"
+        if [ $1 = debian ]; then
+            info "Debian's usbmuxd was still running 10 s after SIGTERM (killed)"
+        else
+            fail "$1 usbmuxd exits on SIGTERM" "still running 10 s later"
+        fi
     fi
     wait $DPID 2> /dev/null
 }
@@ -281,16 +285,19 @@ case3() {
     cat /tmp/logs/drain-mux-$d.log /tmp/logs/drain-tcp-$d.log | grep ended | sed "s/^/@@INFO case 3 ($d) /"
 
     replug phone1
+    local nfail=$FAILS
     expect "3 $d: Listen client gets Attached after the replug" \
         until_ok 20 sh -c "[ \$(awk '\$1 == \"attached\"' $listen | wc -l) -ge 2 ]"
     id2=$(ids_in $listen attached | tail -n 1)
     info "case 3 ($d): DeviceID before unplug '$id1', after replug '$id2'"
-    if [ $d = ours ]; then
-        expect "3 ours: the replugged phone has a new DeviceID ($id1 -> $id2)" \
-            test -n "$id2" -a "$id2" != "$id1"
+    # Without the Attached, the next two would only fail again (and slowly).
+    if [ $FAILS = $nfail ]; then
+        if [ $d = ours ]; then
+            expect "3 ours: the replugged phone has a new DeviceID ($id1 -> $id2)" \
+                test -n "$id2" -a "$id2" != "$id1"
+        fi
+        expect "3 $d: the replugged phone echoes" replugged_echoes
     fi
-    expect "3 $d: the replugged phone echoes" \
-        replugged_echoes
 
     for p in $pmux $pcat $pproxy $ip $plisten; do kill $p 2> /dev/null; done
     for p in $pmux $pcat $pproxy $ip $plisten; do wait $p 2> /dev/null; done
