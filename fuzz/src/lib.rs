@@ -441,15 +441,26 @@ pub mod window {
     }
 
     /// The highest right edge (`ack + window`, or `1 + window` from a SYN, our ISN being 0)
-    /// each peer port pair ever advertised, keyed by (our port, peer port). A maximum over
-    /// every packet the peer sent — under both header forms — is a bound the engine can never
-    /// legitimately exceed, whatever it believed at the time.
+    /// the peer advertised on each connection, keyed by (our port, peer port), from every
+    /// packet that reached us — under both header forms. A maximum over everything the engine
+    /// could have believed is a bound it can never legitimately exceed. An ACK beyond what we
+    /// ever sent on that connection is left out: the engine refuses it (and its edge could lie
+    /// more than 2^31 ahead, where sequence comparisons wrap).
     #[derive(Debug, Default)]
     pub struct Edges {
         edges: HashMap<(u16, u16), u32>,
+        /// The end of the highest sequence we sent on each connection (SYN and FIN count one).
+        sent: HashMap<(u16, u16), u32>,
         /// A transfer did not consist of whole packets: the host reassembles a byte stream,
         /// so what it saw can no longer be followed and the check is off.
         pub confused: bool,
+    }
+
+    fn raise(map: &mut HashMap<(u16, u16), u32>, key: (u16, u16), value: u32) {
+        let e = map.entry(key).or_insert(value);
+        if (value.wrapping_sub(*e) as i32) > 0 {
+            *e = value;
+        }
     }
 
     impl Edges {
@@ -477,26 +488,38 @@ pub mod window {
 
         /// Notes the edge one segment from the peer advertises.
         pub fn note(&mut self, t: &TcpRepr<'_>) {
-            let edge = if t.flags.contains(TcpFlags::ACK) {
-                t.ack.wrapping_add(t.window_bytes())
-            } else if t.flags.contains(TcpFlags::SYN) {
-                1u32.wrapping_add(t.window_bytes())
-            } else {
-                return;
-            };
-            let e = self.edges.entry((t.dst_port, t.src_port)).or_insert(edge);
-            if (edge.wrapping_sub(*e) as i32) > 0 {
-                *e = edge;
+            let key = (t.dst_port, t.src_port);
+            if t.flags.contains(TcpFlags::SYN) {
+                raise(&mut self.edges, key, 1u32.wrapping_add(t.window_bytes()));
+            }
+            if t.flags.contains(TcpFlags::ACK) {
+                let Some(&sent) = self.sent.get(&key) else {
+                    return;
+                };
+                if (t.ack.wrapping_sub(sent) as i32) > 0 {
+                    return;
+                }
+                raise(&mut self.edges, key, t.ack.wrapping_add(t.window_bytes()));
             }
         }
 
-        /// Panics if `seg`, sent by us, carries data beyond every edge the peer advertised.
-        pub fn check(&self, seg: &TcpRepr<'_>) {
+        /// Records `seg`, which we sent, and panics if it carries data beyond every edge the
+        /// peer advertised.
+        pub fn check(&mut self, seg: &TcpRepr<'_>) {
+            let key = (seg.src_port, seg.dst_port);
             let data = seg.payload.len() as u32;
-            if data == 0 || seg.flags.contains(TcpFlags::RST) {
+            let rst = seg.flags.contains(TcpFlags::RST);
+            if !rst {
+                let mut end = seg.seq.wrapping_add(data);
+                if seg.flags.intersects(TcpFlags::SYN.union(TcpFlags::FIN)) {
+                    end = end.wrapping_add(1);
+                }
+                raise(&mut self.sent, key, end);
+            }
+            if data == 0 || rst {
                 return;
             }
-            let Some(&edge) = self.edges.get(&(seg.src_port, seg.dst_port)) else {
+            let Some(&edge) = self.edges.get(&key) else {
                 panic!("data sent before the peer advertised a window: {seg}");
             };
             let end = seg.seq.wrapping_add(data);
