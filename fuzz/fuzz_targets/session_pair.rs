@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 
 use libfuzzer_sys::fuzz_target;
 use usbmux_core::tcp::State;
-use usbmux_core::wire::HeaderKind;
+use usbmux_core::wire::{mux, HeaderKind};
 use usbmux_core::{
     Buffers, ConnId, Device, Duration, Event, Host, Instant, Session, SessionConfig,
 };
@@ -78,12 +78,28 @@ struct Conn {
 }
 
 fn corrupt(pkt: &mut [u8], at: u8, xor: u8) {
-    // Mux protocol 0..4, magic and counters 8..16, TCP seq 20..24 (after a 16-byte header),
-    // data offset 28, window 30..32.
-    const FIELDS: [usize; 22] = [
-        0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 28, 30, 31, 28, 30, 31,
-    ];
-    let i = FIELDS[at as usize % FIELDS.len()];
+    // The fields a corruption may hit, at their place in this packet's header form (a
+    // negotiated v1 session has 8-byte headers, so TCP's fields sit 8 bytes earlier): the mux
+    // protocol; a v2 header's magic and counters, or a VERSION body; TCP seq, data offset and
+    // window. Everything else carries payload identity (see the module docs).
+    let v2 = mux::detect_kind(pkt) == HeaderKind::V2;
+    let hl = if v2 {
+        mux::V2_HEADER_LEN
+    } else {
+        mux::V1_HEADER_LEN
+    };
+    let protocol = pkt
+        .get(0..4)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let mut fields: Vec<usize> = vec![0, 1, 2, 3];
+    if v2 || protocol == 0 {
+        fields.extend(8..16);
+    }
+    if protocol == 6 {
+        fields.extend([hl + 4, hl + 5, hl + 6, hl + 7, hl + 12, hl + 14, hl + 15]);
+        fields.extend([hl + 12, hl + 14, hl + 15]);
+    }
+    let i = fields[at as usize % fields.len()];
     if let Some(b) = pkt.get_mut(i) {
         *b ^= xor | 1;
     }
