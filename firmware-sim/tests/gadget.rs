@@ -39,6 +39,9 @@ struct State {
     events: VecDeque<u8>,
     stalls: Vec<&'static str>,
     closed: bool,
+    /// IN writes refused as by a disabled endpoint although no event says so (FunctionFS
+    /// drops a DISABLE that a newer ENABLE overtakes).
+    in_refused: bool,
 }
 
 fn errno(e: nix::errno::Errno) -> io::Error {
@@ -56,6 +59,7 @@ impl Bus {
                 events: VecDeque::new(),
                 stalls: Vec::new(),
                 closed: false,
+                in_refused: false,
             }),
             cv: Condvar::new(),
         })
@@ -201,7 +205,7 @@ impl Write for FakeIn {
             if s.closed {
                 return Err(io::ErrorKind::BrokenPipe.into());
             }
-            if !s.enabled {
+            if !s.enabled || s.in_refused {
                 // O_NONBLOCK on a disabled endpoint.
                 return Err(errno(nix::errno::Errno::EAGAIN));
             }
@@ -439,6 +443,38 @@ fn handshake_echo_unplug_and_a_fresh_phone_after_replug() {
         stats.out_transfers > 10 && stats.in_packets > 10,
         "{stats:?}"
     );
+}
+
+/// A disable and re-enable of IN that the runner hears nothing of (the kernel dropped both
+/// events): the phone's replies wait for the endpoint instead of being dropped for good.
+#[test]
+fn an_in_endpoint_refusing_for_a_while_without_events_loses_nothing() {
+    let g = Gadget::start(512);
+    g.bus.event(ep0::Event::Bind);
+    g.bus.enable();
+    g.wait_event("plug", |e| {
+        matches!(e, GadgetEvent::Plugged { plug: 1, .. })
+    });
+    g.bus.lock().in_refused = true;
+    let bus = Arc::clone(&g.bus);
+    let heal = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        bus.lock().in_refused = false;
+        bus.cv.notify_all();
+    });
+    let mut host = Host::new(&g.bus, 512, 1);
+    host.handshake();
+    heal.join().expect("heal");
+    let id = host.connect(ECHO);
+    let data = pattern(50_000, 3);
+    assert!(host.echo(id, &data) == data, "echo differs");
+    assert!(g
+        .events
+        .lock()
+        .expect("log")
+        .contains(&GadgetEvent::EndpointDown { endpoint: "IN" }));
+    let stats = g.stop().expect("runner ended cleanly");
+    assert_eq!(stats.plugs, 1);
 }
 
 #[test]

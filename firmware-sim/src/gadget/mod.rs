@@ -65,6 +65,14 @@ const EVENTS_PER_READ: usize = 4;
 /// answering `ESHUTDOWN` without blocking cannot make the reader spin.
 const DOWN_PAUSE: Duration = Duration::from_millis(10);
 
+/// How long the IN writer keeps retrying a packet its endpoint refuses as disabled while the
+/// runner still counts the plug as current. FunctionFS drops a queued ENABLE/DISABLE when a
+/// newer one arrives, so a disable and re-enable can reach us as no event at all (seen under
+/// dummy_hcd at a replug during transfers): giving up at the first refusal would leave that
+/// plug's phone mute for good. A real unplug ends the wait earlier (its event changes the
+/// current plug).
+const IN_RETRY_FOR: Duration = Duration::from_secs(3);
+
 /// The endpoint files of one FunctionFS function, as the runner uses them.
 pub struct Endpoints<C, O, I> {
     /// `ep0`: events are read from it; a zero-length read or write stalls a SETUP.
@@ -486,22 +494,14 @@ fn in_thread(
     tx: &SyncSender<Msg>,
     current: &AtomicU64,
 ) {
-    // The plug whose packets failed with a disabled endpoint: the rest of them are dropped.
+    // The plug whose packets failed with a disabled endpoint for longer than IN_RETRY_FOR:
+    // the rest of them are dropped.
     let mut dead = u64::MAX;
     while let Ok(p) = rx.recv() {
         if p.plug == current.load(Ordering::SeqCst) && p.plug != dead {
-            let mut r = write_transfer(&mut inp, &p.data);
-            if r.is_ok() && p.zlp {
-                r = write_transfer(&mut inp, &[]);
-            }
-            match r {
+            match write_packet(&mut inp, &p, tx, current) {
                 Ok(()) => {}
-                Err(e) if is_down(&e) => {
-                    dead = p.plug;
-                    if tx.send(Msg::Down("IN")).is_err() {
-                        return;
-                    }
-                }
+                Err(e) if is_down(&e) => dead = p.plug,
                 Err(e) => {
                     let _ = tx.send(Msg::Failed("IN", e));
                     return;
@@ -512,6 +512,41 @@ fn in_thread(
             return;
         }
     }
+}
+
+/// Writes `p` (and its ZLP), retrying while the endpoint refuses as disabled, `p`'s plug is
+/// still current and [`IN_RETRY_FOR`] has not passed; the first refusal is reported as
+/// [`Msg::Down`].
+fn write_packet(
+    inp: &mut impl Write,
+    p: &Packet,
+    tx: &SyncSender<Msg>,
+    current: &AtomicU64,
+) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + IN_RETRY_FOR;
+    let mut reported = false;
+    let parts: &[&[u8]] = if p.zlp { &[&p.data, &[]] } else { &[&p.data] };
+    for part in parts {
+        loop {
+            match write_transfer(inp, part) {
+                Ok(()) => break,
+                Err(e) if is_down(&e) => {
+                    if !reported {
+                        reported = true;
+                        let _ = tx.send(Msg::Down("IN"));
+                    }
+                    if std::time::Instant::now() >= deadline
+                        || current.load(Ordering::SeqCst) != p.plug
+                    {
+                        return Err(e);
+                    }
+                    thread::sleep(DOWN_PAUSE);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes one whole transfer in one `write` (two writes would be two transfers), retrying a
