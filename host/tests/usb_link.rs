@@ -561,5 +561,5 @@ fn in_strategy_names_round_trip() {
         assert_eq!(strategy.to_string(), strategy.name());
     }
     assert!("threads".parse::<InStrategy>().is_err());
-    assert_eq!(PipeConfig::default().in_strategy, InStrategy::Thread);
+    assert_eq!(PipeConfig::default().in_strategy, InStrategy::Async);
 }

@@ -128,15 +128,16 @@ use_daemon() {
     esac
 }
 
-# start_daemon debian|ours|ours-async: the daemon as usbmuxd.service runs it (see the top);
-# ours-async is ours reading USB IN with asynchronous transfers in flight instead of a thread.
+# start_daemon debian|ours|ours-thread: the daemon as usbmuxd.service runs it (see the top);
+# ours-thread is ours reading USB IN with one reader thread instead of its default, asynchronous
+# transfers in flight.
 DAEMON_N=0
 start_daemon() {
     local extra=
     case $1 in
         debian) use_daemon debian ;;
         ours) use_daemon ours ;;
-        ours-async) use_daemon ours; extra="--usb-in async" ;;
+        ours-thread) use_daemon ours; extra="--usb-in thread" ;;
     esac
     DAEMON_N=$((DAEMON_N + 1))
     DLOG=/tmp/logs/usbmuxd-$(printf %02d $DAEMON_N)-$1.log
@@ -242,6 +243,23 @@ ensure_phone() {
 
 # ---------------------------------------------------------------- case 3: unplug and replug
 
+# check_or_record D NAME CMD...: for our daemon a case (PASS/FAIL); for Debian's only a record of
+# what it did. Debian's 1.1.1 sometimes misses the unplug altogether (no Detached, the same
+# DeviceID after the replug: its libusb hotplug never reported the departure, seen in about one
+# run in three here) — a peer's flaw to document, not a failure of this project.
+check_or_record() {
+    local d=$1 name=$2
+    shift 2
+    if [ $d = ours ]; then
+        expect "$name" "$@"
+    elif "$@" > /dev/null 2>&1; then
+        info "case 3 (debian) did: $name"
+    else
+        info "case 3 (debian) did NOT: $name"
+        return 1
+    fi
+}
+
 case3() {
     local d=$1 tools listen ip pmux pcat pproxy id1 id2 n
     if [ $d = ours ]; then tools=$OURS; else tools=/usr/bin; fi
@@ -270,7 +288,7 @@ case3() {
     sleep 1
     unplug phone1
 
-    expect "3 $d: Listen client gets Detached for DeviceID $id1" \
+    check_or_record $d "3 $d: Listen client gets Detached for DeviceID $id1" \
         until_ok 15 sh -c "awk '\$1 == \"detached\" && \$2 == \"$id1\"' $listen | grep -q ."
     if [ $d = ours ]; then
         expect "3 ours: client connection on the daemon socket ends" wait_gone 15 $pmux
@@ -285,18 +303,18 @@ case3() {
     cat /tmp/logs/drain-mux-$d.log /tmp/logs/drain-tcp-$d.log | grep ended | sed "s/^/@@INFO case 3 ($d) /"
 
     replug phone1
-    local nfail=$FAILS
-    expect "3 $d: Listen client gets Attached after the replug" \
-        until_ok 20 sh -c "[ \$(awk '\$1 == \"attached\"' $listen | wc -l) -ge 2 ]"
+    local nfail=$FAILS attached=yes
+    check_or_record $d "3 $d: Listen client gets Attached after the replug" \
+        until_ok 20 sh -c "[ \$(awk '\$1 == \"attached\"' $listen | wc -l) -ge 2 ]" || attached=no
     id2=$(ids_in $listen attached | tail -n 1)
     info "case 3 ($d): DeviceID before unplug '$id1', after replug '$id2'"
     # Without the Attached, the next two would only fail again (and slowly).
-    if [ $FAILS = $nfail ]; then
+    if [ $FAILS = $nfail ] && [ $attached = yes ]; then
         if [ $d = ours ]; then
             expect "3 ours: the replugged phone has a new DeviceID ($id1 -> $id2)" \
                 test -n "$id2" -a "$id2" != "$id1"
         fi
-        expect "3 $d: the replugged phone echoes" replugged_echoes
+        check_or_record $d "3 $d: the replugged phone echoes" replugged_echoes
     fi
 
     for p in $pmux $pcat $pproxy $ip $plisten; do kill $p 2> /dev/null; done

@@ -17,8 +17,8 @@
 #   USB_VM_REPS     measurement repetitions per daemon (default 3; 0 skips the measurements)
 #   USB_VM_UP_MIB, USB_VM_DOWN_MIB, USB_VM_PAR_UP_MIB, USB_VM_PAR_DOWN_MIB, USB_VM_DIGEST_MIB
 #                   MiB per measured transfer (defaults 16, 8, 16, 8; digest cases 16)
-#   USB_VM_DAEMONS  daemons measured, comma-separated (default debian,ours,ours-async;
-#                   ours-async = our usbmuxd with --usb-in async)
+#   USB_VM_DAEMONS  daemons measured, comma-separated (default debian,ours,ours-thread;
+#                   ours-thread = our usbmuxd with --usb-in thread)
 #   USB_VM_VERBOSE  1: show the whole guest console while it runs
 set -euo pipefail
 
@@ -213,7 +213,7 @@ esac
 APPEND="console=ttyS0 panic=-1 quiet loglevel=3 usbvm.watchdog=$((TIMEOUT > 90 ? TIMEOUT - 60 : TIMEOUT * 2 / 3)) usbvm.reps=$REPS usbvm.bench=$([ "$REPS" -gt 0 ] && echo 1 || echo 0)"
 APPEND="$APPEND usbvm.up_mib=${USB_VM_UP_MIB:-16} usbvm.down_mib=${USB_VM_DOWN_MIB:-8}"
 APPEND="$APPEND usbvm.par_up_mib=${USB_VM_PAR_UP_MIB:-16} usbvm.par_down_mib=${USB_VM_PAR_DOWN_MIB:-8}"
-APPEND="$APPEND usbvm.digest_mib=${USB_VM_DIGEST_MIB:-16} usbvm.daemons=${USB_VM_DAEMONS:-debian,ours,ours-async}"
+APPEND="$APPEND usbvm.digest_mib=${USB_VM_DIGEST_MIB:-16} usbvm.daemons=${USB_VM_DAEMONS:-debian,ours,ours-thread}"
 LOG=$WORK/guest.log
 ts "booting: qemu ${ACCEL[*]}, timeout ${TIMEOUT}s; console in $LOG"
 

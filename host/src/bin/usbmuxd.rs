@@ -85,7 +85,7 @@ struct Cli {
     trace: Option<PathBuf>,
     /// How USB IN is read: `thread` (one reader thread, synchronous reads) or `async` (libusb
     /// asynchronous transfers, --usb-in-buffers of them in flight).
-    #[arg(long = "usb-in", value_name = "thread|async", default_value_t = InStrategy::Thread)]
+    #[arg(long = "usb-in", value_name = "thread|async", default_value_t = PipeConfig::default().in_strategy)]
     usb_in: InStrategy,
     /// USB IN buffers: the reader thread's ring, or the transfers in flight with --usb-in async.
     #[arg(long = "usb-in-buffers", value_name = "N", default_value_t = PipeConfig::default().in_buffers as u16,

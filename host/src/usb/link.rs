@@ -72,14 +72,16 @@ pub trait BulkIo: Send + Sync + 'static {
 
 /// How a [`UsbLink`] reads its IN endpoint (see the module docs). Both keep the stream in order
 /// and apply the same backpressure; which is faster is measured in the VM harness
-/// (`tests/usb-vm/`), and the default follows the measurement.
+/// (`tests/usb-vm/`), and the default follows the measurement: asynchronous transfers gave the
+/// same single-connection throughput, more with 8 connections, and half the round-trip latency
+/// (BENCHMARKS.md, section 6).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum InStrategy {
     /// One reader thread doing synchronous reads into a ring of [`PipeConfig::in_buffers`].
-    #[default]
     Thread,
     /// [`PipeConfig::in_buffers`] libusb asynchronous transfers in flight, completed on an
     /// event thread.
+    #[default]
     Async,
 }
 
@@ -145,7 +147,7 @@ impl Default for PipeConfig {
             out_queue: 8,
             read_timeout: Duration::from_millis(200),
             send_stall_limit: Duration::from_secs(10),
-            in_strategy: InStrategy::Thread,
+            in_strategy: InStrategy::default(),
         }
     }
 }
