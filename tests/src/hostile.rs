@@ -116,6 +116,21 @@ impl Rig {
             .unwrap_or(0)
     }
 
+    /// The daemon's fd count once it has stayed the same for 100 ms (at most 5 s): sockets a
+    /// client just closed take the daemon a moment to notice.
+    pub fn stable_fds(&self) -> usize {
+        let mut last = self.fds();
+        for _ in 0..50 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = self.fds();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
     /// (VmRSS, VmHWM) of the daemon in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
         proc_rss(self.pid())

@@ -701,7 +701,7 @@ fn run_case(c: &FaultCase) -> Result<String, String> {
     let a = rig.phones.phone(0).clone();
     // A starts unplugged: the baseline is B alone.
     let b_id = rig.wait_devices(&[rig.phones.phone(1).udid()])[0].device_id as u32;
-    let fds0 = stable(&rig);
+    let fds0 = rig.stable_fds();
     let (rss0, _) = rig.rss_kib();
     a.plug_in();
     let fail = |what: String| {
@@ -880,20 +880,6 @@ fn run_case(c: &FaultCase) -> Result<String, String> {
     ))
 }
 
-/// The daemon's fd count once it has been the same for 100 ms (bounded).
-fn stable(rig: &Rig) -> usize {
-    let mut last = rig.fds();
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = rig.fds();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
-}
-
 #[test]
 fn fault_matrix() {
     let cases = cases();
@@ -939,7 +925,7 @@ fn fault_matrix() {
 fn scenario(a_spec: PhoneSpec) -> Option<(Rig, u32, usize, u64)> {
     let rig = Rig::start_with(true, vec![a_spec.unplugged(), PhoneSpec::healthy(2)])?;
     let b_id = rig.wait_devices(&[rig.phones.phone(1).udid()])[0].device_id as u32;
-    let fds0 = stable(&rig);
+    let fds0 = rig.stable_fds();
     let (rss0, _) = rig.rss_kib();
     Some((rig, b_id, fds0, rss0))
 }

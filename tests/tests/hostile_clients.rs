@@ -50,7 +50,7 @@ impl Case {
         let healthy = Healthy::open(&rig, ids[0], ECHO);
         // Every short-lived client of the set-up is closed; the daemon has let go of them once
         // the count is stable.
-        let fds = stable_fds(&rig);
+        let fds = rig.stable_fds();
         Some(Case {
             name,
             rig,
@@ -151,20 +151,6 @@ impl Case {
         );
         self.rig.stop();
     }
-}
-
-/// The daemon's fd count once it has been the same for 100 ms (bounded).
-fn stable_fds(rig: &Rig) -> usize {
-    let mut last = rig.fds();
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = rig.fds();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
 }
 
 /// A raw 16-byte header.
@@ -930,7 +916,7 @@ fn listen_client_that_never_reads_is_dropped_with_bounded_memory() {
     };
     let ids = rig.wait_all_phones();
     let mut healthy = Healthy::open(&rig, ids[0], ECHO);
-    let fds = stable_fds(&rig);
+    let fds = rig.stable_fds();
     let (rss0, _) = rig.rss_kib();
     let mut stuck = ClientStream::connect(rig.address()).expect("connect");
     stuck

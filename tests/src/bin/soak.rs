@@ -161,7 +161,7 @@ fn main() {
         std::process::exit(2);
     };
     rig.wait_all_phones();
-    let fds_start = stable_fds(&rig);
+    let fds_start = rig.stable_fds();
     let (rss_start, _) = rig.rss_kib();
     let world = World {
         rig: &rig,
@@ -313,19 +313,6 @@ fn ensure_usbmuxd() {
         eprintln!("soak: could not build usbmuxd");
         std::process::exit(2);
     }
-}
-
-fn stable_fds(rig: &Rig) -> usize {
-    let mut last = rig.fds();
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = rig.fds();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
 }
 
 fn responsive(rig: &Rig) -> Result<(), String> {
