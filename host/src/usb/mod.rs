@@ -47,6 +47,7 @@
 //! devices before udev has set their permissions.
 
 mod async_in;
+mod async_out;
 mod device;
 mod hotplug;
 pub mod identity;

@@ -1,0 +1,661 @@
+//! The logic of an asynchronous OUT strategy: a small ring of pre-allocated bulk OUT transfers,
+//! filled and submitted in order by the device thread, completed on libusb's event thread.
+//!
+//! Why: the writer thread's synchronous transfers cost about 8 system calls and 2–3 context
+//! switches per OUT transfer in the VM (libusb's event lock changes hands between the writer and
+//! the event thread each time), the main reason our CPU per GiB host → device is above Debian's
+//! usbmuxd, which submits asynchronous transfers from its main loop. With the transfers
+//! submitted straight from [`Link::send`](crate::link::Link::send) there is no hand-over to a
+//! writer thread at all.
+//!
+//! Like [`super::async_in`], this module holds no `unsafe`: the transfers sit behind the small
+//! [`OutPool`] trait ("copy these bytes into slot `i` and submit it", "cancel slot `i`"), which a
+//! libusb backend implements and the tests below implement with a fake bus. Completions go to
+//! [`OutCompletions`], which does the minimum on the event thread: free the slot (or record the
+//! fault), signal a sender waiting for room, wake the device thread on a fault.
+//!
+//! - **Order.** Only the device thread submits, one packet at a time, and libusb completes the
+//!   transfers of one endpoint in submission order, so the phone sees the packets in the order
+//!   `send` was called. Free slots are reused oldest first.
+//! - **ZLP.** The caller decides, exactly as for the writer thread (`zlp` of `Link::send`,
+//!   i.e. `usbmux_core::usb::needs_zlp`: a non-empty packet whose length is a multiple of
+//!   `wMaxPacketSize`); the pool turns it into libusb's `ADD_ZERO_PACKET` flag on the same
+//!   transfer instead of a second zero-length transfer.
+//! - **Backpressure.** The same as the writer thread's full queue: when every slot is in flight,
+//!   `send` waits for a completion to free one, at most the stall limit, and then fails the link
+//!   as stalled.
+//! - **Failure.** A transfer that fails, times out, moves fewer bytes than asked or is cancelled
+//!   by someone else records the same [`Fault`] the writer thread would, wakes the device
+//!   thread, and makes every later `send` fail with it.
+//! - **Shutdown.** [`AsyncWriter::close`] lets the packets in flight finish for a short while
+//!   (the writer thread also finishes its queue), then cancels what is left and waits (bounded)
+//!   for every callback before stopping the pool; if callbacks never come it gives up after the
+//!   bound instead of hanging, and the backend keeps its memory alive (see
+//!   [`super::libusb_in`] for that ownership design).
+
+// Wired to `UsbLink` by the libusb backend that follows; until then only the tests use it.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use super::async_in::CANCEL_WAIT;
+use super::link::{lock, wake, Fault};
+use crate::link::LinkError;
+
+/// How long [`AsyncWriter::close`] lets transfers in flight complete before cancelling them.
+pub(crate) const DRAIN_WAIT: Duration = Duration::from_millis(500);
+
+/// How one OUT transfer ended, as the pool's completion callback reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OutOutcome {
+    /// Completed, having moved this many bytes (not counting the zero-length packet).
+    Sent(usize),
+    /// Failed; `NoDevice` means unplugged.
+    Failed(rusb::Error),
+    /// Cancelled (expected only during [`AsyncWriter::close`]).
+    Cancelled,
+}
+
+/// A fixed set of OUT transfers ("slots") with a buffer of [`OutPool::capacity`] bytes each.
+/// Every successful [`OutPool::submit`] leads to exactly one [`OutCompletions::completed`] call
+/// for that slot, from any thread, possibly before `submit` returns. Only the device thread
+/// calls these methods.
+pub(crate) trait OutPool: Send {
+    /// Number of slots.
+    fn slots(&self) -> usize;
+
+    /// Bytes each slot's buffer holds: the largest packet `submit` accepts.
+    fn capacity(&self) -> usize;
+
+    /// Starts whatever runs the completions (libusb's event thread).
+    fn start(&mut self) -> Result<(), LinkError>;
+
+    /// Copies `data` into slot `slot`'s buffer and submits it as one transfer, followed by a
+    /// zero-length packet when `zlp`. The slot is not in flight. An error means nothing was
+    /// submitted and no completion will come.
+    fn submit(&mut self, slot: usize, data: &[u8], zlp: bool) -> Result<(), rusb::Error>;
+
+    /// Asks for slot `slot` to be cancelled if it is in flight (its completion still comes).
+    fn cancel(&mut self, slot: usize);
+
+    /// Stops the event handling; called once, after every completion came in (or the wait for
+    /// them gave up).
+    fn stop(&mut self);
+}
+
+/// OUT transfer counters of the asynchronous strategy (the writer thread keeps its own).
+#[derive(Debug, Default)]
+pub(crate) struct OutCounters {
+    /// Transfers completed in full.
+    pub(crate) transfers: AtomicU64,
+    /// Bytes in them.
+    pub(crate) bytes: AtomicU64,
+    /// Of them, transfers that ended with a zero-length packet.
+    pub(crate) zlps: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Slots not in flight, the longest idle first.
+    free: VecDeque<usize>,
+    /// Per slot: the length and ZLP flag of its current submission.
+    submitted: Vec<(usize, bool)>,
+    /// Submitted transfers whose completion has not come yet.
+    in_flight: usize,
+    /// The first failure; nothing is submitted after it.
+    fault: Option<Fault>,
+    /// Close has begun: no submissions, cancellations expected.
+    closing: bool,
+}
+
+/// Where an OUT pool's completions go; shared between the completion callback and the
+/// [`AsyncWriter`].
+#[derive(Debug)]
+pub(crate) struct OutCompletions {
+    state: Mutex<State>,
+    /// Signalled on every completion (a slot freed, a fault, or nothing left in flight).
+    changed: Condvar,
+    waker: OnceLock<Arc<mio::Waker>>,
+    pub(crate) counters: OutCounters,
+}
+
+impl OutCompletions {
+    /// Completions for a pool of `slots` transfers (all free).
+    pub(crate) fn new(slots: usize) -> Arc<OutCompletions> {
+        Arc::new(OutCompletions {
+            state: Mutex::new(State {
+                free: (0..slots).collect(),
+                submitted: vec![(0, false); slots],
+                in_flight: 0,
+                fault: None,
+                closing: false,
+            }),
+            changed: Condvar::new(),
+            waker: OnceLock::new(),
+            counters: OutCounters::default(),
+        })
+    }
+
+    /// Reports how a submitted transfer ended (on the event thread): one short lock, no
+    /// allocation (the free list has room for every slot), a wake only on a fault.
+    pub(crate) fn completed(&self, slot: usize, outcome: OutOutcome) {
+        let new_fault = {
+            let mut s = lock(&self.state);
+            s.in_flight = s.in_flight.saturating_sub(1);
+            let (len, zlp) = s.submitted.get(slot).copied().unwrap_or((0, false));
+            let fault = match outcome {
+                OutOutcome::Sent(n) if n == len => {
+                    let c = &self.counters;
+                    c.transfers.fetch_add(1, Ordering::Relaxed);
+                    c.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    if zlp {
+                        c.zlps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None
+                }
+                OutOutcome::Sent(wrote) => Some(Fault::ShortWrite { wrote, len }),
+                OutOutcome::Failed(error) => Some(Fault::from_usb("bulk OUT", error)),
+                OutOutcome::Cancelled if s.closing => None,
+                OutOutcome::Cancelled => Some(Fault::Usb {
+                    what: "bulk OUT",
+                    error: rusb::Error::Interrupted,
+                }),
+            };
+            if slot < s.submitted.len() && !s.free.contains(&slot) {
+                s.free.push_back(slot);
+            }
+            let new_fault = match fault {
+                Some(fault) if s.fault.is_none() => {
+                    log::debug!("USB link failed: {}", LinkError::from(fault));
+                    s.fault = Some(fault);
+                    true
+                }
+                _ => false,
+            };
+            self.changed.notify_all();
+            new_fault
+        };
+        if new_fault {
+            if let Some(waker) = self.waker.get() {
+                wake(waker);
+            }
+        }
+    }
+
+    /// The first OUT failure, if any.
+    pub(crate) fn fault(&self) -> Option<Fault> {
+        lock(&self.state).fault
+    }
+
+    /// Waits until nothing is in flight, at most `limit`; true if nothing is.
+    fn wait_idle(&self, limit: Duration) -> bool {
+        let s = lock(&self.state);
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, limit, |s| s.in_flight > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        s.in_flight == 0
+    }
+}
+
+/// The OUT side of a link in the asynchronous strategy: owns the pool, submits each packet in
+/// order into a free slot. Used only from the device thread.
+pub(crate) struct AsyncWriter {
+    pool: Box<dyn OutPool>,
+    completions: Arc<OutCompletions>,
+    stall_limit: Duration,
+    drain_wait: Duration,
+    cancel_wait: Duration,
+    started: bool,
+    closed: bool,
+}
+
+impl AsyncWriter {
+    /// A writer over `pool`, reporting to `completions`; `send` waits at most `stall_limit` for
+    /// a free slot.
+    pub(crate) fn new(
+        pool: Box<dyn OutPool>,
+        completions: Arc<OutCompletions>,
+        stall_limit: Duration,
+    ) -> AsyncWriter {
+        AsyncWriter {
+            pool,
+            completions,
+            stall_limit,
+            drain_wait: DRAIN_WAIT,
+            cancel_wait: CANCEL_WAIT,
+            started: false,
+            closed: false,
+        }
+    }
+
+    /// Replaces [`DRAIN_WAIT`] and [`CANCEL_WAIT`] (tests).
+    #[cfg(test)]
+    fn with_waits(mut self, drain: Duration, cancel: Duration) -> AsyncWriter {
+        self.drain_wait = drain;
+        self.cancel_wait = cancel;
+        self
+    }
+
+    /// Starts the pool's event handling; faults from now on wake `waker`.
+    pub(crate) fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError> {
+        let _ = self.completions.waker.set(waker);
+        self.pool.start()?;
+        self.started = true;
+        Ok(())
+    }
+
+    /// The first OUT failure, if any.
+    pub(crate) fn fault(&self) -> Option<Fault> {
+        self.completions.fault()
+    }
+
+    /// Submits `data` as one transfer (plus its ZLP when `zlp`), waiting at most the stall limit
+    /// for a free slot. Errors: the link's fault, or a stall (which becomes the fault).
+    pub(crate) fn send(&mut self, data: &[u8], zlp: bool) -> Result<(), Fault> {
+        if data.len() > self.pool.capacity() {
+            // The link never sends more than one mux packet per transfer, which fits a slot;
+            // refusing is better than splitting a packet across transfers.
+            return Err(Fault::Usb {
+                what: "bulk OUT",
+                error: rusb::Error::InvalidParam,
+            });
+        }
+        let slot = {
+            let c = &*self.completions;
+            let mut s = lock(&c.state);
+            let deadline = std::time::Instant::now() + self.stall_limit;
+            loop {
+                if let Some(fault) = s.fault {
+                    return Err(fault);
+                }
+                if s.closing || !self.started {
+                    return Err(Fault::Disconnected);
+                }
+                if let Some(slot) = s.free.pop_front() {
+                    s.in_flight += 1;
+                    if let Some(entry) = s.submitted.get_mut(slot) {
+                        *entry = (data.len(), zlp);
+                    }
+                    break slot;
+                }
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    let fault = Fault::Stalled(self.stall_limit);
+                    s.fault = Some(fault);
+                    return Err(fault);
+                }
+                s = c
+                    .changed
+                    .wait_timeout(s, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        if let Err(error) = self.pool.submit(slot, data, zlp) {
+            // Nothing was submitted: report it as the completion that will never come.
+            self.completions.completed(slot, OutOutcome::Failed(error));
+            return Err(self.fault().unwrap_or(Fault::Disconnected));
+        }
+        Ok(())
+    }
+
+    /// Lets the transfers in flight finish (bounded), cancels the rest, waits (bounded) for
+    /// their callbacks and stops the pool. Idempotent.
+    pub(crate) fn close(&mut self) {
+        if std::mem::replace(&mut self.closed, true) {
+            return;
+        }
+        lock(&self.completions.state).closing = true;
+        self.completions.changed.notify_all();
+        if self.started && !self.completions.wait_idle(self.drain_wait) {
+            for slot in 0..self.pool.slots() {
+                self.pool.cancel(slot);
+            }
+            if !self.completions.wait_idle(self.cancel_wait) {
+                log::error!(
+                    "USB: OUT transfers still in flight {} ms after cancelling them",
+                    self.cancel_wait.as_millis()
+                );
+            }
+        }
+        self.pool.stop();
+    }
+}
+
+impl Drop for AsyncWriter {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ring, ordering, backpressure, failure and shutdown logic against a fake bus: the test
+    //! plays the host controller, completing the oldest submitted transfer as libusb does on one
+    //! endpoint.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::time::Instant;
+    use usbmux_core::usb::needs_zlp;
+
+    #[derive(Default)]
+    struct Bus {
+        /// In flight, oldest first: (slot, bytes, zlp flag).
+        queued: VecDeque<(usize, Vec<u8>, bool)>,
+        /// Every submission in order: (slot, bytes, zlp flag).
+        submissions: Vec<(usize, Vec<u8>, bool)>,
+        cancels: Vec<usize>,
+        submit_errors: VecDeque<rusb::Error>,
+        /// Cancel completes the transfer at once; false: never.
+        cancel_completes: bool,
+        started: bool,
+        stopped: bool,
+    }
+
+    struct FakePool {
+        bus: Arc<Mutex<Bus>>,
+        completions: Arc<OutCompletions>,
+        slots: usize,
+        capacity: usize,
+    }
+
+    impl OutPool for FakePool {
+        fn slots(&self) -> usize {
+            self.slots
+        }
+
+        fn capacity(&self) -> usize {
+            self.capacity
+        }
+
+        fn start(&mut self) -> Result<(), LinkError> {
+            self.bus.lock().unwrap().started = true;
+            Ok(())
+        }
+
+        fn submit(&mut self, slot: usize, data: &[u8], zlp: bool) -> Result<(), rusb::Error> {
+            let mut bus = self.bus.lock().unwrap();
+            assert!(
+                !bus.queued.iter().any(|q| q.0 == slot),
+                "slot {slot} submitted while in flight"
+            );
+            if let Some(e) = bus.submit_errors.pop_front() {
+                return Err(e);
+            }
+            bus.submissions.push((slot, data.to_vec(), zlp));
+            bus.queued.push_back((slot, data.to_vec(), zlp));
+            Ok(())
+        }
+
+        fn cancel(&mut self, slot: usize) {
+            let mut bus = self.bus.lock().unwrap();
+            bus.cancels.push(slot);
+            if bus.cancel_completes {
+                if let Some(i) = bus.queued.iter().position(|q| q.0 == slot) {
+                    bus.queued.remove(i);
+                    drop(bus);
+                    self.completions.completed(slot, OutOutcome::Cancelled);
+                }
+            }
+        }
+
+        fn stop(&mut self) {
+            self.bus.lock().unwrap().stopped = true;
+        }
+    }
+
+    struct Rig {
+        bus: Arc<Mutex<Bus>>,
+        completions: Arc<OutCompletions>,
+        writer: AsyncWriter,
+        poll: mio::Poll,
+        events: mio::Events,
+    }
+
+    fn rig(slots: usize, stall: Duration) -> Rig {
+        let bus = Arc::new(Mutex::new(Bus {
+            cancel_completes: true,
+            ..Bus::default()
+        }));
+        let completions = OutCompletions::new(slots);
+        let pool = FakePool {
+            bus: Arc::clone(&bus),
+            completions: Arc::clone(&completions),
+            slots,
+            capacity: 1024,
+        };
+        let mut writer = AsyncWriter::new(Box::new(pool), Arc::clone(&completions), stall)
+            .with_waits(Duration::from_millis(50), Duration::from_millis(100));
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        writer.start(waker).unwrap();
+        Rig {
+            bus,
+            completions,
+            writer,
+            poll,
+            events: mio::Events::with_capacity(4),
+        }
+    }
+
+    impl Rig {
+        /// The controller completes the oldest transfer with `outcome` (`None`: all its bytes).
+        fn complete(&self, outcome: Option<OutOutcome>) -> usize {
+            let (slot, data, _) = self
+                .bus
+                .lock()
+                .unwrap()
+                .queued
+                .pop_front()
+                .expect("nothing in flight");
+            let outcome = outcome.unwrap_or(OutOutcome::Sent(data.len()));
+            self.completions.completed(slot, outcome);
+            slot
+        }
+
+        fn woken(&mut self) -> bool {
+            self.poll
+                .poll(&mut self.events, Some(Duration::from_millis(100)))
+                .unwrap();
+            !self.events.is_empty()
+        }
+
+        fn in_flight(&self) -> usize {
+            self.bus.lock().unwrap().queued.len()
+        }
+    }
+
+    #[test]
+    fn packets_are_submitted_in_order_and_slots_reused_oldest_first() {
+        let mut r = rig(3, Duration::from_secs(1));
+        for i in 0..3u8 {
+            r.writer.send(&[i; 10], false).unwrap();
+        }
+        assert_eq!(r.complete(None), 0);
+        assert_eq!(r.complete(None), 1);
+        r.writer.send(&[3; 10], false).unwrap();
+        r.writer.send(&[4; 10], false).unwrap();
+        let bus = r.bus.lock().unwrap();
+        let order: Vec<(usize, u8)> = bus.submissions.iter().map(|s| (s.0, s.1[0])).collect();
+        assert_eq!(order, [(0, 0), (1, 1), (2, 2), (0, 3), (1, 4)]);
+        drop(bus);
+        assert_eq!(r.completions.counters.transfers.load(Ordering::Relaxed), 2);
+        assert_eq!(r.completions.counters.bytes.load(Ordering::Relaxed), 20);
+    }
+
+    #[test]
+    fn a_full_ring_blocks_send_until_a_completion_frees_a_slot() {
+        let mut r = rig(2, Duration::from_secs(5));
+        r.writer.send(b"a", false).unwrap();
+        r.writer.send(b"b", false).unwrap();
+        assert_eq!(r.in_flight(), 2);
+        let completions = Arc::clone(&r.completions);
+        let bus = Arc::clone(&r.bus);
+        let controller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let (slot, data, _) = bus.lock().unwrap().queued.pop_front().unwrap();
+            completions.completed(slot, OutOutcome::Sent(data.len()));
+        });
+        let started = Instant::now();
+        r.writer.send(b"c", false).unwrap();
+        let waited = started.elapsed();
+        controller.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(80),
+            "did not wait: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(4), "not woken: {waited:?}");
+        let bus = r.bus.lock().unwrap();
+        assert_eq!(bus.submissions.last().unwrap().0, 0);
+        assert_eq!(bus.submissions.last().unwrap().1, b"c");
+    }
+
+    #[test]
+    fn a_ring_that_never_frees_fails_the_link_as_stalled() {
+        let mut r = rig(1, Duration::from_millis(100));
+        r.writer.send(b"a", false).unwrap();
+        let started = Instant::now();
+        let err = r.writer.send(b"b", false).unwrap_err();
+        assert_eq!(err, Fault::Stalled(Duration::from_millis(100)));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(r.writer.send(b"c", false), Err(err));
+        assert_eq!(r.bus.lock().unwrap().submissions.len(), 1);
+    }
+
+    #[test]
+    fn the_zlp_flag_follows_the_packet_size_rule() {
+        let mut r = rig(8, Duration::from_secs(1));
+        let cases = [
+            (512, 512, true),
+            (1000, 512, false),
+            (64, 64, true),
+            (100, 64, false),
+        ];
+        for &(len, mps, _) in &cases {
+            r.writer.send(&vec![7; len], needs_zlp(len, mps)).unwrap();
+        }
+        let flags: Vec<(usize, bool)> = r
+            .bus
+            .lock()
+            .unwrap()
+            .submissions
+            .iter()
+            .map(|s| (s.1.len(), s.2))
+            .collect();
+        let expected: Vec<(usize, bool)> = cases.iter().map(|&(l, _, z)| (l, z)).collect();
+        assert_eq!(flags, expected);
+        for _ in 0..cases.len() {
+            r.complete(None);
+        }
+        assert_eq!(r.completions.counters.zlps.load(Ordering::Relaxed), 2);
+        assert_eq!(r.completions.counters.transfers.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn failures_become_the_link_fault_and_wake_the_device_thread() {
+        for (outcome, fault) in [
+            (
+                OutOutcome::Failed(rusb::Error::NoDevice),
+                Fault::Disconnected,
+            ),
+            (
+                OutOutcome::Failed(rusb::Error::Timeout),
+                Fault::Usb {
+                    what: "bulk OUT",
+                    error: rusb::Error::Timeout,
+                },
+            ),
+            (OutOutcome::Sent(3), Fault::ShortWrite { wrote: 3, len: 10 }),
+            (
+                OutOutcome::Cancelled,
+                Fault::Usb {
+                    what: "bulk OUT",
+                    error: rusb::Error::Interrupted,
+                },
+            ),
+        ] {
+            let mut r = rig(2, Duration::from_secs(1));
+            r.writer.send(&[1; 10], false).unwrap();
+            assert!(!r.woken());
+            r.complete(Some(outcome));
+            assert!(r.woken(), "{outcome:?} did not wake");
+            assert_eq!(r.writer.fault(), Some(fault));
+            assert_eq!(r.writer.send(b"x", false), Err(fault));
+            assert_eq!(r.bus.lock().unwrap().submissions.len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_refused_submission_is_a_fault_and_frees_its_slot() {
+        let mut r = rig(1, Duration::from_millis(100));
+        r.bus
+            .lock()
+            .unwrap()
+            .submit_errors
+            .push_back(rusb::Error::NoDevice);
+        assert_eq!(r.writer.send(b"a", false), Err(Fault::Disconnected));
+        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert_eq!(r.writer.send(b"b", false), Err(Fault::Disconnected));
+    }
+
+    #[test]
+    fn an_oversized_packet_is_refused_without_submitting() {
+        let mut r = rig(1, Duration::from_secs(1));
+        assert!(r.writer.send(&[0; 1025], false).is_err());
+        assert!(r.bus.lock().unwrap().submissions.is_empty());
+        r.writer.send(&[0; 1024], false).unwrap();
+    }
+
+    #[test]
+    fn close_cancels_what_is_in_flight_and_waits_for_the_callbacks() {
+        let mut r = rig(3, Duration::from_secs(1));
+        r.writer.send(b"a", false).unwrap();
+        r.writer.send(b"b", false).unwrap();
+        r.writer.close();
+        let bus = r.bus.lock().unwrap();
+        assert!(bus.queued.is_empty());
+        assert_eq!(bus.cancels, [0, 1, 2]);
+        assert!(bus.stopped && bus.started);
+        drop(bus);
+        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert_eq!(r.writer.send(b"c", false), Err(Fault::Disconnected));
+        // Cancellations during close are not faults.
+        assert_eq!(r.writer.fault(), None);
+    }
+
+    #[test]
+    fn close_lets_transfers_that_complete_in_time_finish_uncancelled() {
+        let mut r = rig(2, Duration::from_secs(1));
+        r.writer.send(b"a", false).unwrap();
+        let completions = Arc::clone(&r.completions);
+        let bus = Arc::clone(&r.bus);
+        let controller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            let (slot, data, _) = bus.lock().unwrap().queued.pop_front().unwrap();
+            completions.completed(slot, OutOutcome::Sent(data.len()));
+        });
+        r.writer.close();
+        controller.join().unwrap();
+        assert!(r.bus.lock().unwrap().cancels.is_empty());
+        assert_eq!(r.completions.counters.transfers.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn close_does_not_hang_when_callbacks_never_come() {
+        let mut r = rig(2, Duration::from_secs(1));
+        r.bus.lock().unwrap().cancel_completes = false;
+        r.writer.send(b"a", false).unwrap();
+        let started = Instant::now();
+        r.writer.close();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "close hung: {took:?}");
+        let bus = r.bus.lock().unwrap();
+        assert_eq!(bus.cancels, [0, 1]);
+        assert!(bus.stopped);
+    }
+}
