@@ -13,7 +13,7 @@ use std::time::{Duration, Instant as StdInstant};
 use mio::{Events, Poll, Token, Waker};
 use usbmux_core::Instant;
 use usbmux_host::link::{DeviceIdentity, Link, LinkError};
-use usbmux_host::usb::{AppleDeviceKind, BulkIo, InStrategy, PipeConfig, UsbLink};
+use usbmux_host::usb::{AppleDeviceKind, BulkIo, InStrategy, OutStrategy, PipeConfig, UsbLink};
 
 const NOW: Instant = Instant::ZERO;
 
@@ -135,6 +135,7 @@ fn small_config() -> PipeConfig {
         read_timeout: Duration::from_millis(20),
         send_stall_limit: Duration::from_secs(5),
         in_strategy: InStrategy::Thread,
+        out_strategy: OutStrategy::Thread,
     }
 }
 
@@ -562,4 +563,37 @@ fn in_strategy_names_round_trip() {
     }
     assert!("threads".parse::<InStrategy>().is_err());
     assert_eq!(PipeConfig::default().in_strategy, InStrategy::Async);
+}
+
+#[test]
+fn out_strategy_names_round_trip_and_thread_is_the_default() {
+    for strategy in [OutStrategy::Thread, OutStrategy::Async] {
+        assert_eq!(strategy.name().parse::<OutStrategy>(), Ok(strategy));
+        assert_eq!(strategy.to_string(), strategy.name());
+    }
+    assert!("sync".parse::<OutStrategy>().is_err());
+    assert_eq!(PipeConfig::default().out_strategy, OutStrategy::Thread);
+}
+
+#[test]
+fn a_plain_bulk_io_link_writes_with_the_writer_thread_even_if_async_out_is_asked() {
+    // Asynchronous OUT transfers need a libusb handle, like asynchronous IN.
+    let fake = Arc::new(FakeEndpoints::default());
+    let io: Arc<dyn BulkIo> = fake.clone();
+    let mut link = UsbLink::with_io(
+        identity(),
+        AppleDeviceKind::Mobile,
+        io,
+        PipeConfig {
+            out_strategy: OutStrategy::Async,
+            ..small_config()
+        },
+    );
+    assert_eq!(link.config().out_strategy, OutStrategy::Thread);
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+    link.start(waker).unwrap();
+    link.send(NOW, b"via the writer thread", false).unwrap();
+    wait_until("the writer to write", || link.stats().out_transfers == 1);
+    assert_eq!(link.stats().out_bytes, 21);
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, Parser};
 use log::{error, info};
 use usbmux_host::daemon::{self, DaemonConfig, SocketSpec};
-use usbmux_host::usb::{InStrategy, PipeConfig};
+use usbmux_host::usb::{InStrategy, OutStrategy, PipeConfig};
 use usbmux_sim::PhoneConfig;
 
 /// Default client socket of the system daemon (clients find it there without configuration).
@@ -95,6 +95,10 @@ struct Cli {
     #[arg(long = "usb-in-kib", value_name = "KIB", default_value_t = (PipeConfig::default().in_buffer_size / 1024) as u16,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     usb_in_kib: u16,
+    /// How USB OUT is written: `thread` (one writer thread, synchronous writes) or `async`
+    /// (libusb asynchronous transfers submitted by the device thread, up to 8 in flight).
+    #[arg(long = "usb-out", value_name = "thread|async", default_value_t = PipeConfig::default().out_strategy)]
+    usb_out: OutStrategy,
 }
 
 fn main() -> ExitCode {
@@ -231,6 +235,7 @@ fn run(cli: Cli) -> Result<(), String> {
     };
     let usb_pipe = PipeConfig {
         in_strategy: cli.usb_in,
+        out_strategy: cli.usb_out,
         in_buffers: usize::from(cli.usb_in_buffers),
         in_buffer_size: usize::from(cli.usb_in_kib) * 1024,
         ..PipeConfig::default()
@@ -259,6 +264,7 @@ fn run(cli: Cli) -> Result<(), String> {
             usb_pipe.in_buffers,
             usb_pipe.in_buffer_size / 1024
         );
+        info!("USB OUT: {}", usb_pipe.out_strategy);
     }
     if simulated {
         println!(

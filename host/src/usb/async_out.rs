@@ -33,9 +33,6 @@
 //!   bound instead of hanging, and the backend keeps its memory alive (see
 //!   [`super::libusb_in`] for that ownership design).
 
-// Wired to `UsbLink` by the libusb backend that follows; until then only the tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -251,6 +248,11 @@ impl AsyncWriter {
     /// The first OUT failure, if any.
     pub(crate) fn fault(&self) -> Option<Fault> {
         self.completions.fault()
+    }
+
+    /// Transfers completed so far.
+    pub(crate) fn counters(&self) -> &OutCounters {
+        &self.completions.counters
     }
 
     /// Submits `data` as one transfer (plus its ZLP when `zlp`), waiting at most the stall limit

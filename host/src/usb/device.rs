@@ -7,10 +7,12 @@ use std::time::Duration;
 use rusb::{Device, DeviceHandle, UsbContext};
 
 use super::async_in::{AsyncReader, Completions};
+use super::async_out::{AsyncWriter, OutCompletions};
 use super::identity::{location_id, serial_from_descriptor, speed_bps, udid_from_serial};
 use super::identity::{SerialError, UsbLocation};
 use super::libusb_in::LibusbInPool;
-use super::link::{BulkIo, InStrategy, PipeConfig, UsbLink};
+use super::libusb_out::LibusbOutPool;
+use super::link::{BulkIo, InStrategy, OutStrategy, PipeConfig, UsbLink};
 use super::matching::{
     choose_interface, ConfigInfo, DeviceDescriptorInfo, EndpointInfo, InterfaceInfo, Rejection,
     TransferKind, UsbmuxInterface,
@@ -261,11 +263,34 @@ impl UsbLink {
             ep_in: choice.ep_in,
             ep_out: choice.ep_out,
         });
-        match config.in_strategy {
-            InStrategy::Thread => Ok(UsbLink::with_io(identity, choice.kind, pipe, config)),
+        let sizes = config.normalized();
+        // Built first, while `handle` is still ours to clone.
+        let writer = match config.out_strategy {
+            OutStrategy::Thread => None,
+            OutStrategy::Async => {
+                let completions = OutCompletions::new(sizes.out_queue);
+                let pool = LibusbOutPool::new(
+                    Arc::clone(&handle),
+                    choice.ep_out,
+                    sizes.out_queue,
+                    usbmux_core::usb::MAX_PACKET,
+                    Arc::clone(&completions),
+                    // The asynchronous IN pool's event thread handles our completions too.
+                    config.in_strategy != InStrategy::Async,
+                    &identity.udid,
+                )
+                .map_err(usb("allocating OUT transfers"))?;
+                Some(AsyncWriter::new(
+                    Box::new(pool),
+                    completions,
+                    sizes.send_stall_limit,
+                ))
+            }
+        };
+        let link = match config.in_strategy {
+            InStrategy::Thread => UsbLink::with_io(identity, choice.kind, pipe, config),
             InStrategy::Async => {
                 // The sizes after the link's rounding, so both strategies use the same buffers.
-                let sizes = config.normalized();
                 let completions = Completions::new(sizes.in_buffers);
                 let pool = LibusbInPool::new(
                     handle,
@@ -277,14 +302,12 @@ impl UsbLink {
                 )
                 .map_err(usb("allocating IN transfers"))?;
                 let reader = AsyncReader::new(Box::new(pool), completions);
-                Ok(UsbLink::with_async_in(
-                    identity,
-                    choice.kind,
-                    pipe,
-                    reader,
-                    config,
-                ))
+                UsbLink::with_async_in(identity, choice.kind, pipe, reader, config)
             }
-        }
+        };
+        Ok(match writer {
+            Some(writer) => link.with_async_out(writer),
+            None => link,
+        })
     }
 }

@@ -165,7 +165,7 @@ extern "system" fn on_complete(transfer: *mut ffi::libusb_transfer) {
     // `inner` drops here: the last use of anything this submission kept alive.
 }
 
-fn error_from_libusb(code: c_int) -> rusb::Error {
+pub(super) fn error_from_libusb(code: c_int) -> rusb::Error {
     match code {
         c::LIBUSB_ERROR_IO => rusb::Error::Io,
         c::LIBUSB_ERROR_INVALID_PARAM => rusb::Error::InvalidParam,

@@ -34,6 +34,14 @@
 //!   it for the whole transfer (≈ 1 ms for 48 KiB at high speed) while clients and IN data wait,
 //!   and would leave the bus idle while the device thread does its other work; with the queue,
 //!   the next OUT transfer is submitted as soon as the previous one completes.
+//! - **OUT, [`OutStrategy::Async`] (opt-in): [`PipeConfig::out_queue`] libusb asynchronous
+//!   transfers** (`super::async_out`, over `super::libusb_out`): [`Link::send`] copies the
+//!   packet into a free pre-allocated transfer and submits it itself, in order, the ZLP as
+//!   libusb's `ADD_ZERO_PACKET` flag on the same transfer; no writer thread, so no hand-over
+//!   per packet. Same backpressure (wait for a free transfer, at most the stall limit) and
+//!   faults. Completions run on the asynchronous IN pool's event thread, or on one of its own
+//!   when IN uses the reader thread. Only [`UsbLink::open_with`](super::UsbLink::open_with)
+//!   builds it.
 //! - **Failure.** A transfer error other than a timeout ends the link: `NoDevice` (unplugged) is
 //!   reported as [`LinkError::Disconnected`], anything else as [`LinkError::Usb`]. The waker is
 //!   woken, [`Link::recv`] returns the IN data that arrived before the failure and then the error,
@@ -52,6 +60,7 @@ use std::time::Duration;
 use usbmux_core::Instant;
 
 use super::async_in::AsyncReader;
+use super::async_out::AsyncWriter;
 use super::identity::UsbLocation;
 use super::matching::AppleDeviceKind;
 use crate::link::{DeviceIdentity, Link, LinkError};
@@ -115,6 +124,51 @@ impl core::str::FromStr for InStrategy {
     }
 }
 
+/// How a [`UsbLink`] writes its OUT endpoint. Both send each packet as one transfer in the
+/// order of [`Link::send`], decide the ZLP the same way and apply the same backpressure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum OutStrategy {
+    /// One writer thread doing synchronous writes fed by a queue of [`PipeConfig::out_queue`]
+    /// packets (the module docs).
+    #[default]
+    Thread,
+    /// [`PipeConfig::out_queue`] pre-allocated libusb asynchronous transfers, filled and
+    /// submitted by [`Link::send`] itself, the ZLP as libusb's `ADD_ZERO_PACKET` flag: no
+    /// hand-over to a writer thread, which in the VM cost ≈ 8 system calls and 2–3 context
+    /// switches per OUT transfer. Opt-in until measured (`super::async_out`).
+    Async,
+}
+
+impl OutStrategy {
+    /// The name used on the command line (`usbmuxd --usb-out`).
+    pub fn name(self) -> &'static str {
+        match self {
+            OutStrategy::Thread => "thread",
+            OutStrategy::Async => "async",
+        }
+    }
+}
+
+impl core::fmt::Display for OutStrategy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for OutStrategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OutStrategy, String> {
+        match s {
+            "thread" => Ok(OutStrategy::Thread),
+            "async" => Ok(OutStrategy::Async),
+            other => Err(format!(
+                "unknown USB OUT strategy {other:?} (expected \"thread\" or \"async\")"
+            )),
+        }
+    }
+}
+
 /// Buffer and queue sizes of a [`UsbLink`]. The defaults are what the daemon uses; tests shrink
 /// them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +180,8 @@ pub struct PipeConfig {
     /// Number of IN buffers: transfers that may complete before the device thread has consumed
     /// them (the reader thread's ring), or transfers in flight ([`InStrategy::Async`]).
     pub in_buffers: usize,
-    /// OUT packets that may wait for the writer before [`Link::send`] blocks.
+    /// OUT packets that may wait for the writer before [`Link::send`] blocks (with
+    /// [`OutStrategy::Async`]: OUT transfers in flight).
     pub out_queue: usize,
     /// Timeout of each bulk IN read: how long the reader may take to notice a close. Timeouts
     /// are not errors. (Asynchronous transfers have no timeout; close cancels them.)
@@ -137,6 +192,8 @@ pub struct PipeConfig {
     pub send_stall_limit: Duration,
     /// How IN is read.
     pub in_strategy: InStrategy,
+    /// How OUT is written.
+    pub out_strategy: OutStrategy,
 }
 
 impl Default for PipeConfig {
@@ -148,6 +205,7 @@ impl Default for PipeConfig {
             read_timeout: Duration::from_millis(200),
             send_stall_limit: Duration::from_secs(10),
             in_strategy: InStrategy::default(),
+            out_strategy: OutStrategy::default(),
         }
     }
 }
@@ -333,6 +391,8 @@ pub struct UsbLink {
     shared: Arc<Shared>,
     in_side: InSide,
     writer: Option<JoinHandle<()>>,
+    /// The OUT side with [`OutStrategy::Async`] (then there is no writer thread).
+    async_out: Option<Box<AsyncWriter>>,
     started: bool,
 }
 
@@ -342,6 +402,7 @@ impl core::fmt::Debug for UsbLink {
             .field("identity", &self.identity)
             .field("kind", &self.kind)
             .field("in_strategy", &self.config.in_strategy)
+            .field("out_strategy", &self.config.out_strategy)
             .field("started", &self.started)
             .finish_non_exhaustive()
     }
@@ -353,7 +414,8 @@ impl UsbLink {
     /// `identity.max_packet_size` is informational here: the ZLP decision is the caller's (`zlp`
     /// in [`Link::send`]). IN is read by the reader thread whatever `config.in_strategy` says:
     /// asynchronous transfers need a libusb handle, which only
-    /// [`UsbLink::open_with`](super::UsbLink::open_with) has.
+    /// [`UsbLink::open_with`](super::UsbLink::open_with) has; likewise OUT is written by the
+    /// writer thread whatever `config.out_strategy` says.
     pub fn with_io(
         identity: DeviceIdentity,
         kind: AppleDeviceKind,
@@ -362,6 +424,7 @@ impl UsbLink {
     ) -> UsbLink {
         let config = PipeConfig {
             in_strategy: InStrategy::Thread,
+            out_strategy: OutStrategy::Thread,
             ..config.normalized()
         };
         UsbLink {
@@ -372,6 +435,7 @@ impl UsbLink {
             shared: Arc::new(Shared::default()),
             in_side: InSide::Thread(None),
             writer: None,
+            async_out: None,
             started: false,
         }
     }
@@ -391,21 +455,34 @@ impl UsbLink {
             io,
             config: PipeConfig {
                 in_strategy: InStrategy::Async,
+                out_strategy: OutStrategy::Thread,
                 ..config.normalized()
             },
             shared: Arc::new(Shared::default()),
             in_side: InSide::Async(Box::new(reader)),
             writer: None,
+            async_out: None,
             started: false,
         }
     }
 
+    /// The same link with its OUT side replaced by asynchronous transfers (`writer`), before
+    /// [`Link::start`].
+    pub(super) fn with_async_out(mut self, writer: AsyncWriter) -> UsbLink {
+        self.async_out = Some(Box::new(writer));
+        self.config.out_strategy = OutStrategy::Async;
+        self
+    }
+
     /// The first failure seen by either direction.
     fn fault(&self) -> Option<Fault> {
-        self.shared.fault().or_else(|| match &self.in_side {
-            InSide::Async(reader) => reader.fault(),
-            InSide::Thread(_) => None,
-        })
+        self.shared
+            .fault()
+            .or_else(|| match &self.in_side {
+                InSide::Async(reader) => reader.fault(),
+                InSide::Thread(_) => None,
+            })
+            .or_else(|| self.async_out.as_ref().and_then(|w| w.fault()))
     }
 
     /// What the product id says the device is (T2 devices skip preflight).
@@ -432,14 +509,21 @@ impl UsbLink {
     /// Transfer counters so far.
     pub fn stats(&self) -> PipeStats {
         let c = &self.shared.counters;
-        PipeStats {
+        let mut stats = PipeStats {
             in_transfers: c.in_transfers.load(Ordering::Relaxed),
             in_bytes: c.in_bytes.load(Ordering::Relaxed),
             in_zlps: c.in_zlps.load(Ordering::Relaxed),
             out_transfers: c.out_transfers.load(Ordering::Relaxed),
             out_bytes: c.out_bytes.load(Ordering::Relaxed),
             out_zlps: c.out_zlps.load(Ordering::Relaxed),
+        };
+        if let Some(writer) = &self.async_out {
+            let c = writer.counters();
+            stats.out_transfers += c.transfers.load(Ordering::Relaxed);
+            stats.out_bytes += c.bytes.load(Ordering::Relaxed);
+            stats.out_zlps += c.zlps.load(Ordering::Relaxed);
         }
+        stats
     }
 
     /// Stops the link and waits for both threads: the reader within one read timeout, the writer
@@ -459,6 +543,10 @@ impl UsbLink {
         // Take the lock so a reader between its stop check and its wait cannot miss the signal.
         drop(lock(&shared.rx));
         shared.rx_free.notify_all();
+        // Asynchronous OUT first: its completions may be handled by the IN pool's event thread.
+        if let Some(writer) = &mut self.async_out {
+            writer.close();
+        }
         match &mut self.in_side {
             InSide::Thread(reader) => {
                 if let Some(reader) = reader.take() {
@@ -526,6 +614,13 @@ impl Link for UsbLink {
             }
             InSide::Async(ref mut reader) => reader.start(Arc::clone(&waker))?,
         }
+        if let Some(writer) = &mut self.async_out {
+            if let Err(e) = writer.start(Arc::clone(&waker)) {
+                self.shutdown(true);
+                return Err(e);
+            }
+            return Ok(());
+        }
         match self.spawn("out", &waker, run_writer) {
             Ok(writer) => self.writer = Some(writer),
             Err(e) => {
@@ -539,6 +634,9 @@ impl Link for UsbLink {
     fn send(&mut self, _now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {
         if let Some(fault) = self.fault() {
             return Err(fault.into());
+        }
+        if let Some(writer) = &mut self.async_out {
+            return writer.send(transfer, zlp).map_err(LinkError::from);
         }
         let shared = &*self.shared;
         let mut tx = lock(&shared.tx);
@@ -574,12 +672,16 @@ impl Link for UsbLink {
 
     fn recv(&mut self, _now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError> {
         let shared = &*self.shared;
+        let out_fault = self.async_out.as_ref().and_then(|w| w.fault());
         if let InSide::Async(reader) = &mut self.in_side {
-            return reader.recv(buf, &shared.counters).map_err(LinkError::from);
+            return match reader.recv(buf, &shared.counters) {
+                Ok(None) if !buf.is_empty() => out_fault.map_or(Ok(None), |f| Err(f.into())),
+                other => other.map_err(LinkError::from),
+            };
         }
         // Read the fault before the queue: the reader queues data before it records a fault, so
         // data that arrived before the failure is always delivered first.
-        let fault = shared.fault();
+        let fault = shared.fault().or(out_fault);
         if buf.is_empty() {
             return Ok(None);
         }

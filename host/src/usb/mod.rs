@@ -52,11 +52,12 @@ mod device;
 mod hotplug;
 pub mod identity;
 mod libusb_in;
+mod libusb_out;
 mod link;
 pub mod matching;
 
 pub use device::{descriptor_info, OpenError};
 pub use hotplug::{open_context, Rescanner, UsbEvent, UsbUnavailable, Watcher, WatcherOptions};
 pub use identity::{location_id, speed_bps, udid_from_serial, UsbLocation};
-pub use link::{BulkIo, InStrategy, PipeConfig, PipeStats, UsbLink};
+pub use link::{BulkIo, InStrategy, OutStrategy, PipeConfig, PipeStats, UsbLink};
 pub use matching::{choose_interface, AppleDeviceKind, Rejection, UsbmuxInterface};
