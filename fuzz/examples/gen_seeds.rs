@@ -14,7 +14,7 @@ use usbmux_core::wire::{mux, HeaderKind, Summary};
 use usbmux_core::{Buffers, Duration, Host, Instant, Session, SessionConfig};
 use usbmux_fuzz::pair_ops::{Fault, Op as PairOp};
 use usbmux_fuzz::{device_ops, host_ops, pair_ops, Writer};
-use usbmux_host::plist_msg::{ClientInfo, PlistRequest, Request};
+use usbmux_host::plist_msg::{ClientInfo, DeviceInfo, PlistRequest, Reply, Request};
 use usbmux_host::proto::{BinaryMessage, ConnectRequest, DeviceRecord, ResultCode};
 use usbmux_sim::lockdown::frame_xml;
 use usbmux_sim::{Phone, PhoneConfig};
@@ -516,4 +516,46 @@ fn main() {
     ops.push(PairOp::DevReset(0));
     ops.extend([PairOp::ToHost(Fault::Pass), PairOp::HostRead(0, 100)]);
     write("session_pair", "device_resets", &script(&ops));
+
+    // client_replies: what a daemon sends the client library, whole messages with headers.
+    let plist_message = |body: &[u8], tag: u32| {
+        let len = u32::try_from(16 + body.len()).expect("small");
+        let mut m = Vec::new();
+        for word in [len, 1, 8, tag] {
+            m.extend_from_slice(&word.to_le_bytes());
+        }
+        m.extend_from_slice(body);
+        m
+    };
+    let device = DeviceInfo {
+        device_id: 1,
+        product_id: 0x12a8,
+        location_id: 0x10002,
+        speed: 480_000_000,
+        udid: "00008030-0000000000000001".into(),
+        usb_serial: "000080300000000000000001".into(),
+    };
+    for (name, reply) in [
+        ("plist_result_ok", Reply::Result(0)),
+        ("plist_result_bad_version", Reply::Result(6)),
+        (
+            "plist_device_list",
+            Reply::DeviceList(std::slice::from_ref(&device)),
+        ),
+        ("plist_attached", Reply::Attached(&device)),
+        ("plist_detached", Reply::Detached { device_id: 1 }),
+        ("plist_paired", Reply::Paired { device_id: 1 }),
+        (
+            "plist_buid",
+            Reply::Buid("1F6ABB0C-3A30-4D4B-9E4C-2C7C5E2D1A11"),
+        ),
+    ] {
+        write("client_replies", name, &plist_message(&reply.to_xml(), 1));
+    }
+    write("client_replies", "binary_result_ok", &RESULT_OK);
+    write(
+        "client_replies",
+        "binary_device_add",
+        &add.to_vec(0).expect("device add"),
+    );
 }

@@ -127,7 +127,7 @@ impl ListenStopper {
 }
 
 /// The event a notification stands for; `None` for anything to skip.
-fn event_of(incoming: Incoming) -> Option<DeviceEvent> {
+pub(super) fn event_of(incoming: Incoming) -> Option<DeviceEvent> {
     match incoming {
         Incoming::Result(n) => {
             debug!("listener: Result {n} after Listen ignored");

@@ -626,3 +626,56 @@ mod tests {
         assert_eq!(client.next_tag(), 1);
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/`: the parts of the library that read what a
+/// daemon sends, on arbitrary bytes. Not part of the API (hidden, may change).
+#[doc(hidden)]
+pub mod fuzzing {
+    use plist::Value;
+
+    use super::device::{Device, ListenerInfo};
+    use super::wire::{decode, Incoming, Message};
+    use crate::proto::{Header, HEADER_LEN};
+
+    /// Reads `bytes` as one reply or notification from a daemon, as the calls do — header,
+    /// body, Result / plist / binary decoding — then takes devices, listeners and events out of
+    /// what decoded, as ListDevices, ListListeners and a listener do. Returns how many of those
+    /// it understood (so the work cannot be optimised away); errors are results, never panics.
+    pub fn decode_reply(bytes: &[u8]) -> usize {
+        let Ok(header) = Header::parse(bytes) else {
+            return 0;
+        };
+        let Some(body) = bytes.get(HEADER_LEN..header.total_len()) else {
+            return 0;
+        };
+        let msg = Message {
+            header,
+            body: body.to_vec(),
+        };
+        let Ok(incoming) = decode(&msg) else {
+            return 0;
+        };
+        let mut understood = 1;
+        if let Incoming::Plist(dict) = &incoming {
+            let entries = |key: &str| {
+                dict.get(key)
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_dictionary)
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            };
+            understood += entries("DeviceList")
+                .into_iter()
+                .filter(|d| Device::from_attached(d).is_ok())
+                .count();
+            understood += entries("ListenerList")
+                .into_iter()
+                .map(ListenerInfo::from_dict)
+                .count();
+        }
+        understood + usize::from(super::listen::event_of(incoming).is_some())
+    }
+}
