@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusb::{Device, DeviceHandle, UsbContext};
+use rusb::{Context, Device, DeviceHandle, UsbContext};
 
 use super::async_in::{AsyncReader, Completions};
 use super::async_out::{AsyncWriter, OutCompletions};
@@ -207,6 +207,41 @@ fn read_serial<T: UsbContext>(handle: &DeviceHandle<T>, index: u8) -> Result<Str
     Ok(serial_from_descriptor(&text)?)
 }
 
+/// Opens `device` through a libusb context of the phone's own rather than the one it was found
+/// in.
+///
+/// The watcher's context carries hotplug and its event loop: if a phone's transfers completed
+/// there as well, every completion would wake the watcher too and make it compete for libusb's
+/// event lock. Measured in the VM harness (BENCHMARKS.md §6): the watcher took ≈ 14 % of the
+/// daemon's CPU and ≈ 30 context switches per MiB that way. A context per phone keeps each
+/// phone's completions on its own event thread. The device is found again by bus and address
+/// (unique while it stays plugged in) with the same vendor and product.
+fn open_in_own_context<T: UsbContext>(
+    device: &Device<T>,
+) -> Result<DeviceHandle<Context>, OpenError> {
+    let want = device
+        .device_descriptor()
+        .map_err(usb("reading the device descriptor"))?;
+    let context = Context::new().map_err(usb("creating the phone's libusb context"))?;
+    let devices = context
+        .devices()
+        .map_err(usb("listing devices in the phone's context"))?;
+    let same = devices.iter().find(|d| {
+        d.bus_number() == device.bus_number()
+            && d.address() == device.address()
+            && d.device_descriptor().is_ok_and(|dd| {
+                dd.vendor_id() == want.vendor_id() && dd.product_id() == want.product_id()
+            })
+    });
+    match same {
+        Some(d) => d.open().map_err(usb("opening the device")),
+        None => Err(OpenError::Usb {
+            what: "finding the device again in its own context",
+            source: rusb::Error::NoDevice,
+        }),
+    }
+}
+
 impl UsbLink {
     /// Opens a device as a usbmux link with the default [`PipeConfig`]; see
     /// [`UsbLink::open_with`].
@@ -231,7 +266,7 @@ impl UsbLink {
             bus: device.bus_number(),
             address: device.address(),
         };
-        let handle = device.open().map_err(usb("opening the device"))?;
+        let handle = open_in_own_context(device)?;
         configure_and_claim(&handle, &info, &choice)?;
         let usb_serial = read_serial(&handle, info.serial_index)?;
         let identity = DeviceIdentity {
