@@ -523,18 +523,19 @@ fn write_packet(
     tx: &SyncSender<Msg>,
     current: &AtomicU64,
 ) -> io::Result<()> {
-    let deadline = std::time::Instant::now() + IN_RETRY_FOR;
-    let mut reported = false;
+    // Set at the first refusal only: reading the clock for every packet would cost a system
+    // call per transfer where the clock has no vDSO (as in the VM harness's guest).
+    let mut deadline = None;
     let parts: &[&[u8]] = if p.zlp { &[&p.data, &[]] } else { &[&p.data] };
     for part in parts {
         loop {
             match write_transfer(inp, part) {
                 Ok(()) => break,
                 Err(e) if is_down(&e) => {
-                    if !reported {
-                        reported = true;
+                    let deadline = *deadline.get_or_insert_with(|| {
                         let _ = tx.send(Msg::Down("IN"));
-                    }
+                        std::time::Instant::now() + IN_RETRY_FOR
+                    });
                     if std::time::Instant::now() >= deadline
                         || current.load(Ordering::SeqCst) != p.plug
                     {
