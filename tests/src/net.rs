@@ -44,17 +44,69 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// `n` distinct TCP ports on 127.0.0.1 that were free a moment ago: all bound to port 0 at once
-/// (so the kernel hands out different ones), then released. Another process may take one
-/// before the caller binds it; callers retry on a conflict.
+/// `n` distinct TCP ports, free on 127.0.0.1 (and on ::1 where the host has IPv6) a moment ago,
+/// for daemons and tools a test starts on fixed ports.
+///
+/// They are drawn from *below* the kernel's ephemeral range (`ip_local_port_range`): a port the
+/// kernel handed out for `bind(0)` and took back would go on to be handed out as the source port
+/// of some other test's `connect`, which then makes the daemon's bind fail with `EADDRINUSE`
+/// (this happened in CI). Below the range only explicit binds compete; within this process no
+/// port is handed out twice, so parallel tests of one binary cannot collide either.
 pub fn free_local_ports(n: usize) -> io::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let (low, _) = ephemeral_range();
+    let first = 10_000u16.min(low.saturating_sub(1_000));
+    let span = u64::from(low.saturating_sub(first)).max(1);
+    let mut given = GIVEN.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut x = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..20_000 {
+        if out.len() == n {
+            break;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = first + (x % span) as u16;
+        if given.contains(&port) || !bindable(port) {
+            continue;
+        }
+        given.push(port);
+        out.push(port);
+    }
+    if out.len() < n {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "no free TCP ports below the ephemeral range",
+        ));
+    }
+    Ok(out)
+}
+
+/// The kernel's ephemeral port range (Linux `ip_local_port_range`; IANA's 49152–65535 elsewhere).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(str::parse::<u16>);
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .unwrap_or((49_152, 65_535))
+}
+
+/// Whether `port` can be bound on 127.0.0.1 and, if the host has IPv6 loopback, on ::1 (tools
+/// such as iproxy listen on both).
+fn bindable(port: u16) -> bool {
+    if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err() {
+        return false;
+    }
+    match TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)) {
+        Ok(_) => true,
+        Err(e) => e.kind() == io::ErrorKind::AddrNotAvailable,
+    }
 }
 
 /// Connects to 127.0.0.1:`port` (bounded) and sets [`IO_TIMEOUT`] on reads and writes.

@@ -9,7 +9,7 @@
 //! figure is the median of `reps` interleaved runs (every tool once per round).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,10 +22,7 @@ use usbmux_sim::PhoneConfig;
 use crate::util::{cpu_seconds, median, sibling, Proc, Row};
 
 fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    usbmux_tests::net::free_local_ports(1).expect("a free port")[0]
 }
 
 struct Proxy {
