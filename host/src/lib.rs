@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
-// `deny`, not `forbid`: the one exception is `usb::libusb_in` (libusb's asynchronous transfers,
-// which rusb does not wrap), allowed there alone and documented there.
+// `deny`, not `forbid`: the exceptions are `usb::libusb_in`, `usb::libusb_out` (libusb's
+// asynchronous transfers) and `usb::libusb_events` (libusb's poll descriptors), which rusb does
+// not wrap; allowed there alone and documented there.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

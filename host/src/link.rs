@@ -75,6 +75,20 @@ pub trait Link: Send {
     /// blocking: `Ok(None)` when there is nothing now.
     fn recv(&mut self, now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError>;
 
+    /// Registers, with `token`, the event sources the device thread must watch for this link;
+    /// when one fires, the device thread calls [`Link::handle_ready`]. Called once, right after
+    /// [`Link::start`]. Default: none — the link wakes the device thread through `start`'s
+    /// waker instead (a USB link whose libusb events are handled inline registers libusb's
+    /// file descriptors here).
+    fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> std::io::Result<()> {
+        let _ = (registry, token);
+        Ok(())
+    }
+
+    /// Handles what the sources registered by [`Link::register`] signalled, without blocking
+    /// (new data then shows in [`Link::recv`]). Spurious calls are harmless.
+    fn handle_ready(&mut self) {}
+
     /// When [`Link::handle_timeout`] is due (links with timers of their own, such as the
     /// in-process simulator).
     fn poll_timeout(&self) -> Option<Instant> {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant as StdInstant};
 use mio::{Events, Poll, Token, Waker};
 use usbmux_core::Instant;
 use usbmux_host::link::{DeviceIdentity, Link, LinkError};
-use usbmux_host::usb::{AppleDeviceKind, BulkIo, InStrategy, OutStrategy, PipeConfig, UsbLink};
+use usbmux_host::usb::{
+    AppleDeviceKind, BulkIo, EventStrategy, InStrategy, OutStrategy, PipeConfig, UsbLink,
+};
 
 const NOW: Instant = Instant::ZERO;
 
@@ -136,6 +138,8 @@ fn small_config() -> PipeConfig {
         send_stall_limit: Duration::from_secs(5),
         in_strategy: InStrategy::Thread,
         out_strategy: OutStrategy::Thread,
+        events: EventStrategy::Thread,
+        usbfs_buffers: false,
     }
 }
 

@@ -128,9 +128,11 @@ use_daemon() {
     esac
 }
 
-# start_daemon debian|ours|ours-thread: the daemon as usbmuxd.service runs it (see the top);
-# ours-thread is ours reading USB IN with one reader thread instead of its default, asynchronous
-# transfers in flight.
+# start_daemon debian|ours|ours-thread|ours-events-thread|ours-inline|ours-async-out: the daemon
+# as usbmuxd.service runs it (see the top); the others are ours with one USB option changed:
+# ours-thread reads USB IN with one reader thread, ours-events-thread handles libusb's events on
+# an event thread per phone, ours-inline on the phone's own thread, ours-async-out writes USB
+# OUT with asynchronous transfers.
 DAEMON_N=0
 start_daemon() {
     local extra=
@@ -138,6 +140,10 @@ start_daemon() {
         debian) use_daemon debian ;;
         ours) use_daemon ours ;;
         ours-thread) use_daemon ours; extra="--usb-in thread" ;;
+        ours-events-thread) use_daemon ours; extra="--usb-events thread" ;;
+        ours-inline) use_daemon ours; extra="--usb-events inline" ;;
+        ours-async-out) use_daemon ours; extra="--usb-out async" ;;
+        ours-inline-heap) use_daemon ours; extra="--usb-events inline --usb-heap-buffers" ;;
     esac
     DAEMON_N=$((DAEMON_N + 1))
     DLOG=/tmp/logs/usbmuxd-$(printf %02d $DAEMON_N)-$1.log
@@ -160,6 +166,37 @@ stop_daemon() {
         fi
     fi
     wait $DPID 2> /dev/null
+}
+
+# profile_daemons: for each daemon of $DAEMONS, one transfer each way under `strace -f -c`
+# (system calls per MiB) and one under `perf record` (where the CPU goes), summaries as info
+# lines (USB_VM_PROFILE=1).
+profile_daemons() {
+    local d dir tracer mib
+    for d in $DAEMONS; do
+        start_daemon $d || { info "profile $d: usbmuxd does not start"; continue; }
+        $CLIENT wait --udid $UDID1 --timeout 45 > /dev/null 2>&1
+        sleep 1
+        for dir in up down; do
+            [ $dir = up ] && mib=$UP_MIB || mib=$DOWN_MIB
+            strace -f -c -o /tmp/logs/strace-$d-$dir.txt -p $DPID 2> /dev/null &
+            tracer=$!
+            sleep 1
+            info "profile $d strace $dir: $($CLIENT $dir --udid $UDID1 --mib $mib 2>&1)"
+            kill -INT $tracer; wait $tracer 2> /dev/null
+            head -n 14 /tmp/logs/strace-$d-$dir.txt | sed "s/^/  profile $d strace $dir | /" | while IFS= read -r l; do info "$l"; done
+            tail -n 1 /tmp/logs/strace-$d-$dir.txt | sed "s/^/  profile $d strace $dir | /" | while IFS= read -r l; do info "$l"; done
+            grep -E '^(voluntary|nonvoluntary)' /proc/$DPID/status | tr '\n' ' ' | sed "s/^/  profile $d after $dir: /" | while IFS= read -r l; do info "$l"; done
+            perf record -q -e cpu-clock -F 2000 -g -p $DPID -o /tmp/perf-$d-$dir.data > /dev/null 2>&1 &
+            tracer=$!
+            sleep 1
+            info "profile $d perf $dir: $($CLIENT $dir --udid $UDID1 --mib $mib 2>&1)"
+            kill -INT $tracer; wait $tracer 2> /dev/null
+            perf report -q -i /tmp/perf-$d-$dir.data --stdio --no-children --sort dso,symbol -g none --percent-limit 1.5 2> /dev/null \
+                | grep -v '^$' | head -n 30 | sed "s/^/  profile $d perf $dir | /" | while IFS= read -r l; do info "$l"; done
+        done
+        stop_daemon $d
+    done
 }
 
 # ---------------------------------------------------------------- checks
@@ -423,4 +460,5 @@ else
         done
         $OURS/usb-vm-client table /tmp/bench.txt 2>&1 | sed 's/^/@@TABLE /'
     fi
+    if [ "$PROFILE" = 1 ]; then profile_daemons; fi
 fi

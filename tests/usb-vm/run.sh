@@ -20,6 +20,10 @@
 #   USB_VM_DAEMONS  daemons measured, comma-separated (default debian,ours,ours-thread;
 #                   ours-thread = our usbmuxd with --usb-in thread)
 #   USB_VM_VERBOSE  1: show the whole guest console while it runs
+#   USB_VM_PROFILE  1: after the measurements, watch each daemon of USB_VM_DAEMONS through one
+#                   transfer each way with `strace -f -c` and one with `perf record` (cpu-clock),
+#                   and print the summaries; needs strace and perf on the host (their binaries
+#                   and libraries go into the guest)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -151,6 +155,13 @@ put() {
 # Debian's programs (the peers).
 put /usr/sbin/usbmuxd /usr/sbin/usbmuxd.debian
 for p in idevice_id ideviceinfo iproxy inetcat lsusb; do put "/usr/bin/$p" "/usr/bin/$p"; done
+# Profilers for USB_VM_PROFILE=1 (the host's own; perf's cpu-clock events work under TCG).
+if [ "${USB_VM_PROFILE:-0}" = 1 ]; then
+    for p in strace perf; do
+        command -v $p > /dev/null || die "USB_VM_PROFILE=1 needs $p on the host"
+        put "$(command -v $p)" "/usr/bin/$p"
+    done
+fi
 # udevd from the udev package: systemd-udevd is udevadm under another name.
 put "$UDEV_DIR/bin/udevadm" /usr/bin/udevadm
 ln -s /usr/bin/udevadm "$R/lib/systemd/systemd-udevd"
@@ -213,6 +224,7 @@ esac
 APPEND="console=ttyS0 panic=-1 quiet loglevel=3 usbvm.watchdog=$((TIMEOUT > 90 ? TIMEOUT - 60 : TIMEOUT * 2 / 3)) usbvm.reps=$REPS usbvm.bench=$([ "$REPS" -gt 0 ] && echo 1 || echo 0)"
 APPEND="$APPEND usbvm.up_mib=${USB_VM_UP_MIB:-16} usbvm.down_mib=${USB_VM_DOWN_MIB:-8}"
 APPEND="$APPEND usbvm.par_up_mib=${USB_VM_PAR_UP_MIB:-16} usbvm.par_down_mib=${USB_VM_PAR_DOWN_MIB:-8}"
+APPEND="$APPEND usbvm.profile=${USB_VM_PROFILE:-0}"
 APPEND="$APPEND usbvm.digest_mib=${USB_VM_DIGEST_MIB:-16} usbvm.daemons=${USB_VM_DAEMONS:-debian,ours,ours-thread}"
 LOG=$WORK/guest.log
 ts "booting: qemu ${ACCEL[*]}, timeout ${TIMEOUT}s; console in $LOG"

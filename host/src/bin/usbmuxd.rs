@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, Parser};
 use log::{error, info};
 use usbmux_host::daemon::{self, DaemonConfig, SocketSpec};
-use usbmux_host::usb::{InStrategy, OutStrategy, PipeConfig};
+use usbmux_host::usb::{EventStrategy, InStrategy, OutStrategy, PipeConfig};
 use usbmux_sim::PhoneConfig;
 
 /// Default client socket of the system daemon (clients find it there without configuration).
@@ -99,6 +99,15 @@ struct Cli {
     /// (libusb asynchronous transfers submitted by the device thread, up to 8 in flight).
     #[arg(long = "usb-out", value_name = "thread|async", default_value_t = PipeConfig::default().out_strategy)]
     usb_out: OutStrategy,
+    /// Who handles libusb's events: `thread` (an event thread per phone hands completions to
+    /// the phone's thread) or `inline` (the phone's thread polls libusb's descriptors itself;
+    /// implies --usb-in async --usb-out async).
+    #[arg(long = "usb-events", value_name = "thread|inline", default_value_t = PipeConfig::default().events)]
+    usb_events: EventStrategy,
+    /// Give asynchronous USB transfers heap buffers instead of memory mapped from the kernel's
+    /// usbfs (which spares the kernel an allocation, clearing and copy per transfer).
+    #[arg(long = "usb-heap-buffers")]
+    usb_heap_buffers: bool,
 }
 
 fn main() -> ExitCode {
@@ -236,6 +245,8 @@ fn run(cli: Cli) -> Result<(), String> {
     let usb_pipe = PipeConfig {
         in_strategy: cli.usb_in,
         out_strategy: cli.usb_out,
+        events: cli.usb_events,
+        usbfs_buffers: !cli.usb_heap_buffers,
         in_buffers: usize::from(cli.usb_in_buffers),
         in_buffer_size: usize::from(cli.usb_in_kib) * 1024,
         ..PipeConfig::default()

@@ -37,6 +37,8 @@ type Buf = Box<[u8]>;
 type HostSession = Session<Host, Buf, MAX_CONNECTIONS>;
 
 const WAKE: Token = Token(usize::MAX);
+/// The link's own event sources (libusb's descriptors when its events are handled inline).
+const LINK: Token = Token(usize::MAX - 1);
 
 /// Orders from the control thread.
 pub enum DeviceCmd {
@@ -194,6 +196,8 @@ struct Device {
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     ready: bool,
+    /// The link's sources fired: call `Link::handle_ready` before reading it.
+    link_ready: bool,
     messages: MessageLog,
 }
 
@@ -274,6 +278,7 @@ impl Device {
             inbuf: vec![0; 256 * 1024],
             outbuf: vec![0; 65536],
             ready: false,
+            link_ready: false,
             messages: MessageLog::new(device_id),
         }
     }
@@ -282,6 +287,9 @@ impl Device {
     fn run(&mut self) -> String {
         if let Err(e) = self.link.start(self.waker.clone()) {
             return format!("link did not start: {e}");
+        }
+        if let Err(e) = self.link.register(self.poll.registry(), LINK) {
+            return format!("cannot watch the link: {e}");
         }
         let mut events = Events::with_capacity(256);
         loop {
@@ -303,6 +311,10 @@ impl Device {
             }
             for ev in events.iter() {
                 if ev.token() == WAKE {
+                    continue;
+                }
+                if ev.token() == LINK {
+                    self.link_ready = true;
                     continue;
                 }
                 if let Some(Some(c)) = self.conns.get_mut(ev.token().0) {
@@ -412,6 +424,9 @@ impl Device {
         for _ in 0..1024 {
             let mut moved = false;
             let now = self.clock.now();
+            if std::mem::take(&mut self.link_ready) {
+                self.link.handle_ready();
+            }
             loop {
                 match self.link.recv(now, &mut self.inbuf) {
                     Ok(Some(n)) => {

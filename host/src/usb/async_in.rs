@@ -35,7 +35,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use super::link::{lock, wake, Counters, Fault};
@@ -46,6 +46,58 @@ use crate::link::LinkError;
 /// thread is wedged, and then the pool keeps (leaks) its memory rather than free it under a
 /// transfer that may still complete.
 pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long one [`wait_step`] may handle events when the caller runs them inline: only a bound
+/// on how often the caller re-checks its deadline (libusb returns as soon as it handled
+/// something).
+const PUMP_SLICE: Duration = Duration::from_millis(100);
+
+/// Handling libusb's events on the device thread itself ([`EventStrategy::Inline`]
+/// (super::EventStrategy::Inline)) instead of on an event thread: the completions of both
+/// pools then run inside [`EventPump::pump`], on whichever thread calls it.
+///
+/// Why: with an event thread, every IN completion is a hand-over — the event thread wakes, takes
+/// the queue's lock, writes the device thread's eventfd, and the device thread wakes to read it
+/// — which in the VM cost more system calls and context switches per transfer than Debian's
+/// usbmuxd spends in total, because it polls libusb's descriptors from its one main loop. The
+/// device thread's mio loop watches [`EventPump::fds`] and calls `pump(0)` when one fires; the
+/// few places that must wait for a completion (a full OUT ring, close) pump instead of sleeping
+/// on a condition variable nobody would signal.
+pub(crate) trait EventPump: Send + Sync {
+    /// Handles the events pending now, or the first within `timeout`, on the calling thread.
+    fn pump(&self, timeout: Duration);
+
+    /// The file descriptors a poll loop must watch (with `true`: for writability, as libusb
+    /// asks for usbfs descriptors; else for readability) so that it calls
+    /// [`EventPump::pump`] whenever there is something to handle.
+    fn fds(&self) -> Vec<(std::os::fd::RawFd, bool)>;
+}
+
+/// One bounded wait for a completion while holding `guard` on `mutex`: on `changed` when
+/// completions come from an event thread, or by handling events inline (`pump`, with the lock
+/// released: the completions take it). Callers loop, re-checking their condition and
+/// deadline; wake-ups may be spurious.
+pub(crate) fn wait_step<'a, S>(
+    guard: MutexGuard<'a, S>,
+    mutex: &'a Mutex<S>,
+    changed: &Condvar,
+    pump: Option<&Arc<dyn EventPump>>,
+    left: Duration,
+) -> MutexGuard<'a, S> {
+    match pump {
+        Some(pump) => {
+            drop(guard);
+            pump.pump(left.min(PUMP_SLICE));
+            lock(mutex)
+        }
+        None => {
+            changed
+                .wait_timeout(guard, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        }
+    }
+}
 
 /// How one IN transfer ended, as the pool's completion callback reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +165,15 @@ pub(crate) struct Completions {
     idle: Condvar,
     /// The device thread's waker, set by [`AsyncReader::start`] before the first submission.
     waker: OnceLock<Arc<mio::Waker>>,
+    /// Set when events are handled inline ([`EventPump`]): completions then run on the
+    /// thread that will look at the queue next, so they wake nobody, and waits pump.
+    pump: OnceLock<Arc<dyn EventPump>>,
+}
+
+impl core::fmt::Debug for dyn EventPump {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("EventPump")
+    }
 }
 
 impl Completions {
@@ -125,7 +186,13 @@ impl Completions {
             }),
             idle: Condvar::new(),
             waker: OnceLock::new(),
+            pump: OnceLock::new(),
         })
+    }
+
+    /// Makes waits handle events with `pump` (inline events), before the pool starts.
+    pub(crate) fn set_pump(&self, pump: Arc<dyn EventPump>) {
+        let _ = self.pump.set(pump);
     }
 
     /// Reports how a submitted transfer ended. Called from the pool's completion callback on
@@ -161,12 +228,14 @@ impl Completions {
                     true
                 }
             };
-            if q.in_flight == 0 {
+            if q.in_flight == 0 && self.pump.get().is_none() {
                 self.idle.notify_all();
             }
             wake_now
         };
-        if wake_now {
+        // Inline, the completion runs inside the device thread's own `pump`, which reads the
+        // queue right after: waking it would be one system call per transfer for nothing.
+        if wake_now && self.pump.get().is_none() {
             if let Some(waker) = self.waker.get() {
                 wake(waker);
             }
@@ -214,12 +283,16 @@ impl Completions {
 
     /// Waits until no transfer is in flight, at most `limit`; true if none is.
     fn wait_idle(&self, limit: Duration) -> bool {
-        let q = lock(&self.queue);
-        let (q, _) = self
-            .idle
-            .wait_timeout_while(q, limit, |q| q.in_flight > 0)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        q.in_flight == 0
+        let deadline = std::time::Instant::now() + limit;
+        let mut q = lock(&self.queue);
+        while q.in_flight > 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            q = wait_step(q, &self.queue, &self.idle, self.pump.get(), deadline - now);
+        }
+        true
     }
 }
 
@@ -774,6 +847,61 @@ mod tests {
         event_thread.join().unwrap();
         // Cancellations during close are not faults.
         assert_eq!(r.reader.fault(), None);
+    }
+
+    /// Inline events: a pump that completes every cancelled transfer, as libusb's event
+    /// handling on the calling thread would (the fake bus's cancel does not complete them).
+    struct CancelPump {
+        bus: Arc<Mutex<Bus>>,
+        completions: Arc<Completions>,
+        pumps: std::sync::atomic::AtomicUsize,
+    }
+
+    impl EventPump for CancelPump {
+        fn pump(&self, _timeout: Duration) {
+            self.pumps.fetch_add(1, Ordering::SeqCst);
+            let cancelled: Vec<usize> = {
+                let mut bus = self.bus.lock().unwrap();
+                let cancels = bus.cancels.clone();
+                bus.queued.retain(|s| !cancels.contains(s));
+                cancels
+            };
+            for slot in cancelled {
+                self.completions.completed(slot, Outcome::Cancelled);
+            }
+        }
+
+        fn fds(&self) -> Vec<(std::os::fd::RawFd, bool)> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn inline_completions_wake_nobody_and_close_pumps_until_idle() {
+        let mut r = rig(2);
+        r.bus.lock().unwrap().cancel_completes = false;
+        let pump = Arc::new(CancelPump {
+            bus: Arc::clone(&r.bus),
+            completions: Arc::clone(&r.completions),
+            pumps: Default::default(),
+        });
+        r.completions
+            .set_pump(Arc::clone(&pump) as Arc<dyn EventPump>);
+        r.start();
+        r.complete(b"inline");
+        assert!(!r.woken(), "an inline completion woke the device thread");
+        let mut buf = [0u8; 16];
+        assert_eq!(r.reader.recv(&mut buf, &r.counters), Ok(Some(6)));
+        assert_eq!(&buf[..6], b"inline");
+        let started = Instant::now();
+        r.reader.close();
+        assert!(pump.pumps.load(Ordering::SeqCst) >= 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "close waited instead of pumping"
+        );
+        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert!(r.bus.lock().unwrap().stopped);
     }
 
     #[test]

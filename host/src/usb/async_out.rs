@@ -35,10 +35,10 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use super::async_in::CANCEL_WAIT;
+use super::async_in::{wait_step, EventPump, CANCEL_WAIT};
 use super::link::{lock, wake, Fault};
 use crate::link::LinkError;
 
@@ -116,6 +116,8 @@ pub(crate) struct OutCompletions {
     /// Signalled on every completion (a slot freed, a fault, or nothing left in flight).
     changed: Condvar,
     waker: OnceLock<Arc<mio::Waker>>,
+    /// Set when events are handled inline: waits pump instead of sleeping.
+    pump: OnceLock<Arc<dyn EventPump>>,
     pub(crate) counters: OutCounters,
 }
 
@@ -132,8 +134,14 @@ impl OutCompletions {
             }),
             changed: Condvar::new(),
             waker: OnceLock::new(),
+            pump: OnceLock::new(),
             counters: OutCounters::default(),
         })
+    }
+
+    /// Makes waits handle events with `pump` (inline events), before the pool starts.
+    pub(crate) fn set_pump(&self, pump: Arc<dyn EventPump>) {
+        let _ = self.pump.set(pump);
     }
 
     /// Reports how a submitted transfer ended (on the event thread): one short lock, no
@@ -172,7 +180,11 @@ impl OutCompletions {
                 }
                 _ => false,
             };
-            self.changed.notify_all();
+            // Inline, nobody sleeps on the condition variable (waits pump), and notifying is a
+            // system call even then.
+            if self.pump.get().is_none() {
+                self.changed.notify_all();
+            }
             new_fault
         };
         if new_fault {
@@ -189,12 +201,22 @@ impl OutCompletions {
 
     /// Waits until nothing is in flight, at most `limit`; true if nothing is.
     fn wait_idle(&self, limit: Duration) -> bool {
-        let s = lock(&self.state);
-        let (s, _) = self
-            .changed
-            .wait_timeout_while(s, limit, |s| s.in_flight > 0)
-            .unwrap_or_else(PoisonError::into_inner);
-        s.in_flight == 0
+        let deadline = std::time::Instant::now() + limit;
+        let mut s = lock(&self.state);
+        while s.in_flight > 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = wait_step(
+                s,
+                &self.state,
+                &self.changed,
+                self.pump.get(),
+                deadline - now,
+            );
+        }
+        true
     }
 }
 
@@ -269,7 +291,9 @@ impl AsyncWriter {
         let slot = {
             let c = &*self.completions;
             let mut s = lock(&c.state);
-            let deadline = std::time::Instant::now() + self.stall_limit;
+            // Read the clock only when the ring is full: each read is a system call where the
+            // vDSO has no usable clock (the VM guest).
+            let mut deadline = None;
             loop {
                 if let Some(fault) = s.fault {
                     return Err(fault);
@@ -285,16 +309,13 @@ impl AsyncWriter {
                     break slot;
                 }
                 let now = std::time::Instant::now();
+                let deadline = *deadline.get_or_insert(now + self.stall_limit);
                 if now >= deadline {
                     let fault = Fault::Stalled(self.stall_limit);
                     s.fault = Some(fault);
                     return Err(fault);
                 }
-                s = c
-                    .changed
-                    .wait_timeout(s, deadline - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                s = wait_step(s, &c.state, &c.changed, c.pump.get(), deadline - now);
             }
         };
         if let Err(error) = self.pool.submit(slot, data, zlp) {
@@ -419,12 +440,50 @@ mod tests {
         events: mio::Events,
     }
 
+    /// Inline events: each pump completes the oldest transfer in flight, as libusb's event
+    /// handling on the calling thread would.
+    struct FakePump {
+        bus: Arc<Mutex<Bus>>,
+        completions: Arc<OutCompletions>,
+        pumps: std::sync::atomic::AtomicUsize,
+    }
+
+    impl EventPump for FakePump {
+        fn pump(&self, _timeout: Duration) {
+            self.pumps.fetch_add(1, Ordering::SeqCst);
+            let next = self.bus.lock().unwrap().queued.pop_front();
+            if let Some((slot, data, _)) = next {
+                self.completions
+                    .completed(slot, OutOutcome::Sent(data.len()));
+            }
+        }
+
+        fn fds(&self) -> Vec<(std::os::fd::RawFd, bool)> {
+            Vec::new()
+        }
+    }
+
     fn rig(slots: usize, stall: Duration) -> Rig {
+        rig_with(slots, stall, false).0
+    }
+
+    /// A rig whose events are handled inline (`inline`) by the returned pump.
+    fn rig_with(slots: usize, stall: Duration, inline: bool) -> (Rig, Option<Arc<FakePump>>) {
         let bus = Arc::new(Mutex::new(Bus {
             cancel_completes: true,
             ..Bus::default()
         }));
         let completions = OutCompletions::new(slots);
+        let pump = inline.then(|| {
+            Arc::new(FakePump {
+                bus: Arc::clone(&bus),
+                completions: Arc::clone(&completions),
+                pumps: Default::default(),
+            })
+        });
+        if let Some(pump) = &pump {
+            completions.set_pump(Arc::clone(pump) as Arc<dyn EventPump>);
+        }
         let pool = FakePool {
             bus: Arc::clone(&bus),
             completions: Arc::clone(&completions),
@@ -436,13 +495,14 @@ mod tests {
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
         writer.start(waker).unwrap();
-        Rig {
+        let rig = Rig {
             bus,
             completions,
             writer,
             poll,
             events: mio::Events::with_capacity(4),
-        }
+        };
+        (rig, pump)
     }
 
     impl Rig {
@@ -515,6 +575,42 @@ mod tests {
         let bus = r.bus.lock().unwrap();
         assert_eq!(bus.submissions.last().unwrap().0, 0);
         assert_eq!(bus.submissions.last().unwrap().1, b"c");
+    }
+
+    #[test]
+    fn inline_a_full_ring_handles_events_itself_and_wakes_nobody() {
+        let (mut r, pump) = rig_with(2, Duration::from_secs(5), true);
+        let pump = pump.unwrap();
+        for b in [b"a", b"b", b"c", b"d"] {
+            r.writer.send(b, false).unwrap();
+        }
+        // The third and fourth sends found the ring full: each pumped once, which completed
+        // the oldest transfer (no other thread exists to do it).
+        assert_eq!(pump.pumps.load(Ordering::SeqCst), 2);
+        let order: Vec<(usize, Vec<u8>)> = r
+            .bus
+            .lock()
+            .unwrap()
+            .submissions
+            .iter()
+            .map(|s| (s.0, s.1.clone()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (0, b"a".to_vec()),
+                (1, b"b".to_vec()),
+                (0, b"c".to_vec()),
+                (1, b"d".to_vec())
+            ]
+        );
+        assert!(!r.woken(), "an inline completion woke the device thread");
+        // Close drains what is in flight by pumping, without cancelling.
+        r.writer.close();
+        assert_eq!(r.in_flight(), 0);
+        assert!(r.bus.lock().unwrap().cancels.is_empty());
+        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert_eq!(r.completions.counters.transfers.load(Ordering::Relaxed), 4);
     }
 
     #[test]

@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use rusb::{Context, Device, DeviceHandle, UsbContext};
 
-use super::async_in::{AsyncReader, Completions};
+use super::async_in::{AsyncReader, Completions, EventPump};
 use super::async_out::{AsyncWriter, OutCompletions};
 use super::identity::{location_id, serial_from_descriptor, speed_bps, udid_from_serial};
 use super::identity::{SerialError, UsbLocation};
+use super::libusb_events::LibusbEvents;
 use super::libusb_in::LibusbInPool;
+use super::libusb_mem::PoolSpec;
 use super::libusb_out::LibusbOutPool;
-use super::link::{BulkIo, InStrategy, OutStrategy, PipeConfig, UsbLink};
+use super::link::{BulkIo, EventStrategy, InStrategy, OutStrategy, PipeConfig, UsbLink};
 use super::matching::{
     choose_interface, ConfigInfo, DeviceDescriptorInfo, EndpointInfo, InterfaceInfo, Rejection,
     TransferKind, UsbmuxInterface,
@@ -299,22 +301,30 @@ impl UsbLink {
             ep_out: choice.ep_out,
         });
         let sizes = config.normalized();
+        let inline = sizes.events == EventStrategy::Inline;
+        // Inline, the device thread handles this (the phone's own) context's events.
+        let pump: Option<Arc<dyn EventPump>> =
+            inline.then(|| Arc::new(LibusbEvents::new(handle.context().clone())) as _);
         // Built first, while `handle` is still ours to clone.
-        let writer = match config.out_strategy {
+        let writer = match sizes.out_strategy {
             OutStrategy::Thread => None,
             OutStrategy::Async => {
                 let completions = OutCompletions::new(sizes.out_queue);
-                let pool = LibusbOutPool::new(
-                    Arc::clone(&handle),
-                    choice.ep_out,
-                    sizes.out_queue,
-                    usbmux_core::usb::MAX_PACKET,
-                    Arc::clone(&completions),
-                    // The asynchronous IN pool's event thread handles our completions too.
-                    config.in_strategy != InStrategy::Async,
-                    &identity.udid,
-                )
-                .map_err(usb("allocating OUT transfers"))?;
+                if let Some(pump) = &pump {
+                    completions.set_pump(Arc::clone(pump));
+                }
+                let spec = PoolSpec {
+                    endpoint: choice.ep_out,
+                    count: sizes.out_queue,
+                    buffer_len: usbmux_core::usb::MAX_PACKET,
+                    // The asynchronous IN pool's event thread (or the device thread, inline)
+                    // handles our completions too.
+                    own_events: sizes.in_strategy != InStrategy::Async,
+                    usbfs_buffers: sizes.usbfs_buffers,
+                    name: &identity.udid,
+                };
+                let pool = LibusbOutPool::new(Arc::clone(&handle), spec, Arc::clone(&completions))
+                    .map_err(usb("allocating OUT transfers"))?;
                 Some(AsyncWriter::new(
                     Box::new(pool),
                     completions,
@@ -322,23 +332,31 @@ impl UsbLink {
                 ))
             }
         };
-        let link = match config.in_strategy {
+        let link = match sizes.in_strategy {
             InStrategy::Thread => UsbLink::with_io(identity, choice.kind, pipe, config),
             InStrategy::Async => {
                 // The sizes after the link's rounding, so both strategies use the same buffers.
                 let completions = Completions::new(sizes.in_buffers);
-                let pool = LibusbInPool::new(
-                    handle,
-                    choice.ep_in,
-                    sizes.in_buffers,
-                    sizes.in_buffer_size,
-                    Arc::clone(&completions),
-                    &identity.udid,
-                )
-                .map_err(usb("allocating IN transfers"))?;
+                if let Some(pump) = &pump {
+                    completions.set_pump(Arc::clone(pump));
+                }
+                let spec = PoolSpec {
+                    endpoint: choice.ep_in,
+                    count: sizes.in_buffers,
+                    buffer_len: sizes.in_buffer_size,
+                    own_events: !inline,
+                    usbfs_buffers: sizes.usbfs_buffers,
+                    name: &identity.udid,
+                };
+                let pool = LibusbInPool::new(handle, spec, Arc::clone(&completions))
+                    .map_err(usb("allocating IN transfers"))?;
                 let reader = AsyncReader::new(Box::new(pool), completions);
                 UsbLink::with_async_in(identity, choice.kind, pipe, reader, config)
             }
+        };
+        let link = match pump {
+            Some(pump) => link.with_inline_events(pump),
+            None => link,
         };
         Ok(match writer {
             Some(writer) => link.with_async_out(writer),

@@ -6,9 +6,10 @@
 //! inline C helper), `libusb_submit_transfer`, `libusb_cancel_transfer` and
 //! `libusb_free_transfer`, with a completion callback that only records the outcome and hands
 //! it to [`Completions`]. An event thread per pool runs `libusb_handle_events_timeout_completed`
-//! on the device's context (rusb's safe `handle_events`); completions may also run on any other
-//! thread that happens to handle the context's events (the watcher's, a synchronous OUT
-//! transfer's) — the callback does not care which.
+//! on the device's context (rusb's safe `handle_events`), or, with inline events, the device
+//! thread does (`super::libusb_events`); completions may also run on any other thread that
+//! happens to handle the context's events (a synchronous OUT transfer's) — the callback does
+//! not care which.
 //!
 //! # Ownership: why no callback ever sees freed memory
 //!
@@ -35,7 +36,9 @@
 //!    (release), and [`LibusbInPool::data`] hands out the bytes only when it reads (acquire) a
 //!    state other than `IN_FLIGHT`. `submit` and `data` both need `&mut LibusbInPool`, so a
 //!    slice returned by `data` is gone before the slot can be submitted again. The buffers are
-//!    raw allocations (leaked boxes: no live `Box` or `&mut` while libusb writes into them).
+//!    raw allocations (usbfs mappings or leaked boxes, `super::libusb_mem`: no live `Box` or
+//!    `&mut` while libusb or the kernel writes into them), freed after the transfers and before
+//!    the device handle (`Inner`'s field order).
 
 #![allow(unsafe_code)]
 // Every unsafe block and impl says why it is sound; clippy holds us to it.
@@ -52,6 +55,7 @@ use rusb::ffi::{self, constants as c};
 use rusb::{DeviceHandle, UsbContext};
 
 use super::async_in::{Completions, InPool, Outcome};
+use super::libusb_mem::{log_mapping, PoolSpec, TransferBuffer};
 use crate::link::LinkError;
 
 /// Slot state while submitted; any other value is the length of the last completion.
@@ -68,8 +72,9 @@ const MAX_TRANSFER: usize = 16 << 20;
 struct Slot {
     /// From `libusb_alloc_transfer`, freed by `Inner::drop`.
     transfer: NonNull<ffi::libusb_transfer>,
-    /// `Inner::buffer_len` bytes of a leaked `Box<[u8]>`, reclaimed by `Inner::drop`.
-    buffer: NonNull<u8>,
+    /// `Inner::buffer_len` bytes, usbfs-mapped or heap; freed when `Inner` drops, after
+    /// the transfers and before the device handle.
+    buffer: TransferBuffer,
     /// `IN_FLIGHT`, or the length received by the last completion (0 before the first).
     state: AtomicUsize,
 }
@@ -103,11 +108,6 @@ impl Drop for Inner {
             // transfer came from `libusb_alloc_transfer` and is freed exactly once, here; it
             // has no FREE_BUFFER/FREE_TRANSFER flags, so libusb does not free anything itself.
             unsafe { ffi::libusb_free_transfer(slot.transfer.as_ptr()) };
-            let raw = std::ptr::slice_from_raw_parts_mut(slot.buffer.as_ptr(), self.buffer_len);
-            // SAFETY: `buffer` is the pointer of a leaked `Box<[u8]>` of exactly
-            // `buffer_len` bytes, not used by libusb any more (no transfer in flight, and the
-            // transfer pointing at it was just freed), reclaimed exactly once.
-            drop(unsafe { Box::from_raw(raw) });
         }
     }
 }
@@ -189,6 +189,8 @@ pub(crate) struct LibusbInPool<T: UsbContext + 'static> {
     inner: Arc<Inner>,
     context: T,
     name: String,
+    /// Run an event thread (false: the device thread handles the events inline).
+    own_events: bool,
     stop: Arc<AtomicBool>,
     events: Option<JoinHandle<()>>,
     /// `InPool::stop` has run.
@@ -196,16 +198,22 @@ pub(crate) struct LibusbInPool<T: UsbContext + 'static> {
 }
 
 impl<T: UsbContext + 'static> LibusbInPool<T> {
-    /// Allocates the transfers and buffers (nothing is submitted yet). `name` labels the event
-    /// thread and log lines.
+    /// Allocates the transfers and buffers (nothing is submitted yet): usbfs-mapped buffers
+    /// when `usbfs_buffers` and the kernel grants them (`super::libusb_mem`). `name` labels
+    /// the event thread and log lines.
     pub(crate) fn new(
         device: Arc<DeviceHandle<T>>,
-        endpoint: u8,
-        count: usize,
-        buffer_len: usize,
+        spec: PoolSpec<'_>,
         completions: Arc<Completions>,
-        name: &str,
     ) -> Result<LibusbInPool<T>, rusb::Error> {
+        let PoolSpec {
+            endpoint,
+            count,
+            buffer_len,
+            own_events,
+            usbfs_buffers,
+            name,
+        } = spec;
         let buffer_len = buffer_len.clamp(1, MAX_TRANSFER);
         let length = c_int::try_from(buffer_len).map_err(|_| rusb::Error::InvalidParam)?;
         let handle = device.as_raw();
@@ -215,15 +223,12 @@ impl<T: UsbContext + 'static> LibusbInPool<T> {
             // SAFETY: plain allocation (0 isochronous packets); null on failure, checked.
             let raw = unsafe { ffi::libusb_alloc_transfer(0) };
             let Some(transfer) = NonNull::new(raw) else {
-                free_partial(slots, buffer_len);
+                free_partial(slots);
                 return Err(rusb::Error::NoMem);
             };
-            // A raw allocation from here on: `Inner::drop` turns it back into the box.
-            let buffer = NonNull::from(Box::leak(vec![0u8; buffer_len].into_boxed_slice()));
-            let buffer = buffer.cast::<u8>();
             slots.push(Slot {
                 transfer,
-                buffer,
+                buffer: TransferBuffer::new(handle, buffer_len, usbfs_buffers),
                 state: AtomicUsize::new(0),
             });
         }
@@ -233,6 +238,8 @@ impl<T: UsbContext + 'static> LibusbInPool<T> {
             completions,
             _device: device,
         });
+        let buffers: Vec<&TransferBuffer> = inner.slots.iter().map(|s| &s.buffer).collect();
+        log_mapping("IN", name, &buffers);
         let user_data = Arc::as_ptr(&inner).cast_mut().cast::<c_void>();
         for slot in inner.slots.iter() {
             // SAFETY: the transfer is freshly allocated and not submitted; `handle` stays open
@@ -258,6 +265,7 @@ impl<T: UsbContext + 'static> LibusbInPool<T> {
             inner,
             context,
             name: name.to_owned(),
+            own_events,
             stop: Arc::new(AtomicBool::new(false)),
             events: None,
             stopped: false,
@@ -276,13 +284,11 @@ impl<T: UsbContext + 'static> LibusbInPool<T> {
 }
 
 /// Frees what `LibusbInPool::new` allocated before a later allocation failed.
-fn free_partial(slots: Vec<Slot>, buffer_len: usize) {
+fn free_partial(slots: Vec<Slot>) {
     for slot in slots {
         // SAFETY: allocated by `libusb_alloc_transfer`, never submitted, freed once.
         unsafe { ffi::libusb_free_transfer(slot.transfer.as_ptr()) };
-        let raw = std::ptr::slice_from_raw_parts_mut(slot.buffer.as_ptr(), buffer_len);
-        // SAFETY: a leaked `Box<[u8]>` of exactly `buffer_len` bytes, never shared, freed once.
-        drop(unsafe { Box::from_raw(raw) });
+        drop(slot.buffer);
     }
 }
 
@@ -292,7 +298,7 @@ impl<T: UsbContext + 'static> InPool for LibusbInPool<T> {
     }
 
     fn start(&mut self) -> Result<(), LinkError> {
-        if self.events.is_some() {
+        if !self.own_events || self.events.is_some() {
             return Ok(());
         }
         let (context, stop) = (self.context.clone(), Arc::clone(&self.stop));
@@ -351,8 +357,8 @@ impl<T: UsbContext + 'static> InPool for LibusbInPool<T> {
         }
         // SAFETY: the slot is not in flight (acquire pairs with the callback's release, so the
         // received bytes are visible), and it cannot be submitted while the returned borrow of
-        // `self` lives; the buffer has `buffer_len` ≥ `len` initialised bytes (zeroed at
-        // allocation, `len` clamped by the callback) and lives as long as `self.inner`.
+        // `self` lives; the buffer has `buffer_len` ≥ `len` initialised bytes (zeroed heap
+        // memory, or mapped kernel memory; `len` clamped by the callback) and lives as long as `self.inner`.
         unsafe { std::slice::from_raw_parts(s.buffer.as_ptr(), len.min(self.inner.buffer_len)) }
     }
 

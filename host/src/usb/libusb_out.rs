@@ -33,6 +33,7 @@ use rusb::{DeviceHandle, UsbContext};
 
 use super::async_out::{OutCompletions, OutOutcome, OutPool};
 use super::libusb_in::error_from_libusb;
+use super::libusb_mem::{log_mapping, PoolSpec, TransferBuffer};
 use crate::link::LinkError;
 
 /// How long one turn of the own event thread may block (bound on noticing a stop).
@@ -43,8 +44,9 @@ const RELEASE_WAIT: Duration = Duration::from_millis(200);
 struct Slot {
     /// From `libusb_alloc_transfer`, freed by `Inner::drop`.
     transfer: NonNull<ffi::libusb_transfer>,
-    /// `Inner::buffer_len` bytes of a leaked `Box<[u8]>`, reclaimed by `Inner::drop`.
-    buffer: NonNull<u8>,
+    /// `Inner::buffer_len` bytes, usbfs-mapped or heap; freed when `Inner` drops, after
+    /// the transfers and before the device handle.
+    buffer: TransferBuffer,
     /// Submitted and its callback has not cleared it yet.
     in_flight: AtomicBool,
 }
@@ -75,10 +77,6 @@ impl Drop for Inner {
             // in flight (or whose callback runs) holds one, so no transfer is in flight. The
             // transfer came from `libusb_alloc_transfer`, has no FREE flags, and is freed once.
             unsafe { ffi::libusb_free_transfer(slot.transfer.as_ptr()) };
-            let raw = std::ptr::slice_from_raw_parts_mut(slot.buffer.as_ptr(), self.buffer_len);
-            // SAFETY: a leaked `Box<[u8]>` of exactly `buffer_len` bytes, no longer used by
-            // libusb (its transfer was just freed), reclaimed exactly once.
-            drop(unsafe { Box::from_raw(raw) });
         }
     }
 }
@@ -140,16 +138,21 @@ pub(crate) struct LibusbOutPool<T: UsbContext + 'static> {
 }
 
 impl<T: UsbContext + 'static> LibusbOutPool<T> {
-    /// Allocates the transfers and buffers (nothing is submitted).
+    /// Allocates the transfers and buffers (nothing is submitted): usbfs-mapped buffers when
+    /// `usbfs_buffers` and the kernel grants them (`super::libusb_mem`).
     pub(crate) fn new(
         device: Arc<DeviceHandle<T>>,
-        endpoint: u8,
-        count: usize,
-        buffer_len: usize,
+        spec: PoolSpec<'_>,
         completions: Arc<OutCompletions>,
-        own_events: bool,
-        name: &str,
     ) -> Result<LibusbOutPool<T>, rusb::Error> {
+        let PoolSpec {
+            endpoint,
+            count,
+            buffer_len,
+            own_events,
+            usbfs_buffers,
+            name,
+        } = spec;
         let buffer_len = buffer_len.max(1);
         c_int::try_from(buffer_len).map_err(|_| rusb::Error::InvalidParam)?;
         let handle = device.as_raw();
@@ -159,13 +162,12 @@ impl<T: UsbContext + 'static> LibusbOutPool<T> {
             // SAFETY: plain allocation (0 isochronous packets); null on failure, checked.
             let raw = unsafe { ffi::libusb_alloc_transfer(0) };
             let Some(transfer) = NonNull::new(raw) else {
-                free_partial(slots, buffer_len);
+                free_partial(slots);
                 return Err(rusb::Error::NoMem);
             };
-            let buffer = NonNull::from(Box::leak(vec![0u8; buffer_len].into_boxed_slice()));
             slots.push(Slot {
                 transfer,
-                buffer: buffer.cast::<u8>(),
+                buffer: TransferBuffer::new(handle, buffer_len, usbfs_buffers),
                 in_flight: AtomicBool::new(false),
             });
         }
@@ -175,6 +177,8 @@ impl<T: UsbContext + 'static> LibusbOutPool<T> {
             completions,
             _device: device,
         });
+        let buffers: Vec<&TransferBuffer> = inner.slots.iter().map(|s| &s.buffer).collect();
+        log_mapping("OUT", name, &buffers);
         let user_data = Arc::as_ptr(&inner).cast_mut().cast::<c_void>();
         for slot in inner.slots.iter() {
             // SAFETY: the transfer is freshly allocated and not submitted; `handle` stays open
@@ -209,13 +213,11 @@ impl<T: UsbContext + 'static> LibusbOutPool<T> {
 }
 
 /// Frees what `LibusbOutPool::new` allocated before a later allocation failed.
-fn free_partial(slots: Vec<Slot>, buffer_len: usize) {
+fn free_partial(slots: Vec<Slot>) {
     for slot in slots {
         // SAFETY: allocated by `libusb_alloc_transfer`, never submitted, freed once.
         unsafe { ffi::libusb_free_transfer(slot.transfer.as_ptr()) };
-        let raw = std::ptr::slice_from_raw_parts_mut(slot.buffer.as_ptr(), buffer_len);
-        // SAFETY: a leaked `Box<[u8]>` of exactly `buffer_len` bytes, never shared, freed once.
-        drop(unsafe { Box::from_raw(raw) });
+        drop(slot.buffer);
     }
 }
 
@@ -269,7 +271,7 @@ impl<T: UsbContext + 'static> OutPool for LibusbOutPool<T> {
         // SAFETY: the slot is not in flight (the flag was clear; acquire orders us after the
         // callback that cleared it) and only `&mut self` submits, so libusb does not use the
         // buffer or the transfer; `data.len()` ≤ `buffer_len` (checked above); the regions
-        // cannot overlap (the buffer is a private allocation).
+        // cannot overlap (the buffer is a private allocation or mapping).
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), s.buffer.as_ptr(), data.len());
             let t = s.transfer.as_ptr();

@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use usbmux_core::Instant;
 
-use super::async_in::AsyncReader;
+use super::async_in::{AsyncReader, EventPump};
 use super::async_out::AsyncWriter;
 use super::identity::UsbLocation;
 use super::matching::AppleDeviceKind;
@@ -169,6 +169,52 @@ impl core::str::FromStr for OutStrategy {
     }
 }
 
+/// Who handles a [`UsbLink`]'s libusb events — runs the completions of its asynchronous
+/// transfers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EventStrategy {
+    /// An event thread per phone (or the writer thread's synchronous transfers): completions
+    /// are handed to the device thread through a queue and its waker.
+    #[default]
+    Thread,
+    /// The device thread itself: its poll loop watches libusb's file descriptors and handles
+    /// the events when one fires, so a completion is consumed where it happens — no event
+    /// thread, no hand-over, no wake-up per transfer (Debian's usbmuxd's one-loop shape). Needs
+    /// both directions asynchronous ([`InStrategy::Async`], [`OutStrategy::Async`]); choosing
+    /// it makes them so (`super::async_in::EventPump`).
+    Inline,
+}
+
+impl EventStrategy {
+    /// The name used on the command line (`usbmuxd --usb-events`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EventStrategy::Thread => "thread",
+            EventStrategy::Inline => "inline",
+        }
+    }
+}
+
+impl core::fmt::Display for EventStrategy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for EventStrategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<EventStrategy, String> {
+        match s {
+            "thread" => Ok(EventStrategy::Thread),
+            "inline" => Ok(EventStrategy::Inline),
+            other => Err(format!(
+                "unknown USB event strategy {other:?} (expected \"thread\" or \"inline\")"
+            )),
+        }
+    }
+}
+
 /// Buffer and queue sizes of a [`UsbLink`]. The defaults are what the daemon uses; tests shrink
 /// them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,6 +240,12 @@ pub struct PipeConfig {
     pub in_strategy: InStrategy,
     /// How OUT is written.
     pub out_strategy: OutStrategy,
+    /// Who handles libusb's events ([`EventStrategy::Inline`] implies both strategies async).
+    pub events: EventStrategy,
+    /// Asynchronous transfers use buffers mapped from the kernel's usbfs where it grants them
+    /// (done in place: no per-transfer kernel allocation, clearing and copy — about a third
+    /// of the daemon's CPU in the VM), else heap buffers (`usbmuxd --usb-heap-buffers`).
+    pub usbfs_buffers: bool,
 }
 
 impl Default for PipeConfig {
@@ -206,6 +258,8 @@ impl Default for PipeConfig {
             send_stall_limit: Duration::from_secs(10),
             in_strategy: InStrategy::default(),
             out_strategy: OutStrategy::default(),
+            events: EventStrategy::default(),
+            usbfs_buffers: true,
         }
     }
 }
@@ -221,6 +275,10 @@ impl PipeConfig {
         self.in_buffers = self.in_buffers.max(1);
         self.out_queue = self.out_queue.max(1);
         self.read_timeout = self.read_timeout.max(Duration::from_millis(1));
+        if self.events == EventStrategy::Inline {
+            self.in_strategy = InStrategy::Async;
+            self.out_strategy = OutStrategy::Async;
+        }
         self
     }
 }
@@ -393,6 +451,8 @@ pub struct UsbLink {
     writer: Option<JoinHandle<()>>,
     /// The OUT side with [`OutStrategy::Async`] (then there is no writer thread).
     async_out: Option<Box<AsyncWriter>>,
+    /// With [`EventStrategy::Inline`]: the context's events, handled by the device thread.
+    pump: Option<Arc<dyn EventPump>>,
     started: bool,
 }
 
@@ -403,6 +463,7 @@ impl core::fmt::Debug for UsbLink {
             .field("kind", &self.kind)
             .field("in_strategy", &self.config.in_strategy)
             .field("out_strategy", &self.config.out_strategy)
+            .field("events", &self.config.events)
             .field("started", &self.started)
             .finish_non_exhaustive()
     }
@@ -425,6 +486,7 @@ impl UsbLink {
         let config = PipeConfig {
             in_strategy: InStrategy::Thread,
             out_strategy: OutStrategy::Thread,
+            events: EventStrategy::Thread,
             ..config.normalized()
         };
         UsbLink {
@@ -436,6 +498,7 @@ impl UsbLink {
             in_side: InSide::Thread(None),
             writer: None,
             async_out: None,
+            pump: None,
             started: false,
         }
     }
@@ -456,12 +519,14 @@ impl UsbLink {
             config: PipeConfig {
                 in_strategy: InStrategy::Async,
                 out_strategy: OutStrategy::Thread,
+                events: EventStrategy::Thread,
                 ..config.normalized()
             },
             shared: Arc::new(Shared::default()),
             in_side: InSide::Async(Box::new(reader)),
             writer: None,
             async_out: None,
+            pump: None,
             started: false,
         }
     }
@@ -471,6 +536,15 @@ impl UsbLink {
     pub(super) fn with_async_out(mut self, writer: AsyncWriter) -> UsbLink {
         self.async_out = Some(Box::new(writer));
         self.config.out_strategy = OutStrategy::Async;
+        self
+    }
+
+    /// The same link with its libusb events handled by the device thread through `pump`
+    /// ([`EventStrategy::Inline`]); both directions must be asynchronous already, with `pump`
+    /// set on their completions.
+    pub(super) fn with_inline_events(mut self, pump: Arc<dyn EventPump>) -> UsbLink {
+        self.pump = Some(pump);
+        self.config.events = EventStrategy::Inline;
         self
     }
 
@@ -629,6 +703,27 @@ impl Link for UsbLink {
             }
         }
         Ok(())
+    }
+
+    fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> std::io::Result<()> {
+        let Some(pump) = &self.pump else {
+            return Ok(());
+        };
+        for (fd, writable) in pump.fds() {
+            let interest = if writable {
+                mio::Interest::WRITABLE
+            } else {
+                mio::Interest::READABLE
+            };
+            registry.register(&mut mio::unix::SourceFd(&fd), token, interest)?;
+        }
+        Ok(())
+    }
+
+    fn handle_ready(&mut self) {
+        if let Some(pump) = &self.pump {
+            pump.pump(Duration::ZERO);
+        }
     }
 
     fn send(&mut self, _now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {

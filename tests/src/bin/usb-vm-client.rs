@@ -495,6 +495,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// `up` / `down --mib N`: one transfer to discard / from source on one connection, its MB/s
+/// printed (the profiling runs of the harness, `USB_VM_PROFILE`, watch the daemon during it).
+fn cmd_one_way(o: &Opts, up: bool) -> Result<(), String> {
+    let total: u64 = o.num("mib", 16u64)? << 20;
+    let target = Target::from_opts(o)?;
+    let t0 = Instant::now();
+    if up {
+        upload(&target, total)?;
+    } else {
+        download(&target, total)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{} {} MiB: {:.2} MB/s",
+        if up { "host→device" } else { "device→host" },
+        total >> 20,
+        total as f64 / secs / 1e6
+    );
+    Ok(())
+}
+
 /// `bench`: one daemon's figures, one `@@BENCH` line.
 fn cmd_bench(o: &Opts) -> Result<(), String> {
     let pid: u32 = o.num("pid", 0)?;
@@ -661,7 +682,7 @@ fn cmd_table(o: &Opts) -> Result<(), String> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((cmd, rest)) = args.split_first() else {
-        eprintln!("usage: usb-vm-client wait|digest|echo|drain|bench|table [options] (see the source's docs)");
+        eprintln!("usage: usb-vm-client wait|digest|echo|drain|bench|up|down|table [options] (see the source's docs)");
         return ExitCode::from(2);
     };
     let result = Opts::parse(rest).and_then(|o| match cmd.as_str() {
@@ -670,6 +691,7 @@ fn main() -> ExitCode {
         "echo" => cmd_echo(&o).map(|()| ExitCode::SUCCESS),
         "drain" => cmd_drain(&o),
         "bench" => cmd_bench(&o).map(|()| ExitCode::SUCCESS),
+        "up" | "down" => cmd_one_way(&o, cmd == "up").map(|()| ExitCode::SUCCESS),
         "table" => cmd_table(&o).map(|()| ExitCode::SUCCESS),
         other => Err(format!("unknown command {other:?}")),
     });
