@@ -75,6 +75,40 @@ pub trait Link: Send {
     /// blocking: `Ok(None)` when there is nothing now.
     fn recv(&mut self, now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError>;
 
+    /// Like [`Link::recv`], but lends the next IN bytes to `f` where they lie when the link
+    /// can (a USB transfer's own buffer), saving a copy: `Ok(Some(n))` after exactly one call
+    /// of `f` with `n` bytes, `Ok(None)` when there is nothing now. The default receives into
+    /// `scratch` with [`Link::recv`].
+    fn recv_with(
+        &mut self,
+        now: Instant,
+        scratch: &mut [u8],
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<usize>, LinkError> {
+        let got = self.recv(now, scratch)?;
+        if let Some(n) = got {
+            f(scratch.get(..n).unwrap_or(scratch));
+        }
+        Ok(got)
+    }
+
+    /// A buffer of the link's own to build the next OUT transfer in, in place (a free USB
+    /// transfer's buffer), or `None` when it has none free right now — then the caller builds
+    /// the transfer elsewhere and uses [`Link::send`]. Asking twice without sending returns the
+    /// same buffer. The default has none.
+    fn out_buffer(&mut self) -> Option<&mut [u8]> {
+        None
+    }
+
+    /// Sends the first `len` bytes of the buffer [`Link::out_buffer`] returned as one OUT
+    /// transfer, then a zero-length transfer if `zlp`; same ordering as [`Link::send`].
+    fn send_out_buffer(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        let _ = (now, len, zlp);
+        Err(LinkError::Protocol(
+            "send_out_buffer without an out_buffer".into(),
+        ))
+    }
+
     /// Registers, with `token`, the event sources the device thread must watch for this link;
     /// when one fires, the device thread calls [`Link::handle_ready`]. Called once, right after
     /// [`Link::start`]. Default: none — the link wakes the device thread through `start`'s

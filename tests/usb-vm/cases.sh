@@ -194,6 +194,14 @@ profile_daemons() {
             kill -INT $tracer; wait $tracer 2> /dev/null
             perf report -q -i /tmp/perf-$d-$dir.data --stdio --no-children --sort dso,symbol -g none --percent-limit 1.5 2> /dev/null \
                 | grep -v '^$' | head -n 30 | sed "s/^/  profile $d perf $dir | /" | while IFS= read -r l; do info "$l"; done
+            # The whole guest: which process (phone, daemon, client, kernel threads) spends it.
+            perf record -q -e cpu-clock -F 1000 -a -o /tmp/perf-all-$d-$dir.data > /dev/null 2>&1 &
+            tracer=$!
+            sleep 1
+            info "profile $d perf-all $dir: $($CLIENT $dir --udid $UDID1 --mib $mib 2>&1)"
+            kill -INT $tracer; wait $tracer 2> /dev/null
+            perf report -q -i /tmp/perf-all-$d-$dir.data --stdio --no-children --sort comm -g none --percent-limit 2 2> /dev/null \
+                | grep -v '^$' | head -n 12 | sed "s/^/  profile $d perf-all $dir | /" | while IFS= read -r l; do info "$l"; done
         done
         stop_daemon $d
     done

@@ -369,6 +369,35 @@ impl AsyncReader {
         if buf.is_empty() {
             return Ok(None);
         }
+        self.take(counters, &mut |pending| {
+            let n = pending.len().min(buf.len());
+            buf[..n].copy_from_slice(&pending[..n]);
+            n
+        })
+    }
+
+    /// Lends the rest of the oldest completed transfer to `f` where it lies (no copy) and
+    /// resubmits the transfer: `Ok(Some(n))` after one call of `f` with `n` bytes, otherwise as
+    /// [`AsyncReader::recv`].
+    pub(crate) fn recv_with(
+        &mut self,
+        counters: &Counters,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<usize>, Fault> {
+        self.take(counters, &mut |pending| {
+            f(pending);
+            pending.len()
+        })
+    }
+
+    /// The common part of `recv` and `recv_with`: offers the unread bytes of the oldest
+    /// non-empty completed transfer to `consume`, which returns how many it took (a call with
+    /// no bytes is never made).
+    fn take(
+        &mut self,
+        counters: &Counters,
+        consume: &mut dyn FnMut(&[u8]) -> usize,
+    ) -> Result<Option<usize>, Fault> {
         // Each turn either returns or retires one zero-length transfer.
         for _ in 0..=self.pool.slots() {
             // The fault is read with the queue: completions queue data before they record a
@@ -383,8 +412,11 @@ impl AsyncReader {
             let data = self.pool.data(head.slot);
             let end = head.len.min(data.len());
             let pending = data.get(self.offset..end).unwrap_or(&[]);
-            let n = pending.len().min(buf.len());
-            buf[..n].copy_from_slice(&pending[..n]);
+            let n = if pending.is_empty() {
+                0
+            } else {
+                consume(pending).min(pending.len())
+            };
             if head.len == 0 {
                 counters.in_zlps.fetch_add(1, Ordering::Relaxed);
             } else if self.offset == 0 {
@@ -671,6 +703,42 @@ mod tests {
         assert_eq!(r.complete(b"fourth"), 0);
         assert_eq!(r.drain(100), b"fourth");
         assert_eq!(r.in_flight(), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn lent_transfers_are_whole_in_order_and_resubmitted() {
+        let mut r = rig(2);
+        r.start();
+        r.complete(b"first");
+        r.complete(b"");
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        let got = r
+            .reader
+            .recv_with(&r.counters, &mut |b| seen.push(b.to_vec()));
+        assert_eq!(got, Ok(Some(5)));
+        // The zero-length transfer is skipped (never lent), the next one lent whole.
+        r.complete(b"second");
+        let got = r
+            .reader
+            .recv_with(&r.counters, &mut |b| seen.push(b.to_vec()));
+        assert_eq!(got, Ok(Some(6)));
+        // Part of a transfer by copy, the rest lent: the offset carries over.
+        r.complete(b"third!");
+        let mut half = [0u8; 3];
+        assert_eq!(r.reader.recv(&mut half, &r.counters), Ok(Some(3)));
+        let got = r
+            .reader
+            .recv_with(&r.counters, &mut |b| seen.push(b.to_vec()));
+        assert_eq!(got, Ok(Some(3)));
+        assert_eq!(&half, b"thi");
+        assert_eq!(seen, [&b"first"[..], b"second", b"rd!"]);
+        assert_eq!(
+            r.reader
+                .recv_with(&r.counters, &mut |_| panic!("lent nothing")),
+            Ok(None)
+        );
+        // Every consumed slot went back in flight.
+        assert_eq!(r.bus.lock().unwrap().queued.len(), 2);
     }
 
     #[test]

@@ -70,10 +70,14 @@ pub(crate) trait OutPool: Send {
     /// Starts whatever runs the completions (libusb's event thread).
     fn start(&mut self) -> Result<(), LinkError>;
 
-    /// Copies `data` into slot `slot`'s buffer and submits it as one transfer, followed by a
+    /// Slot `slot`'s buffer ([`OutPool::capacity`] bytes) to write the next packet into, in
+    /// place; empty while the slot is in flight or for a slot that does not exist.
+    fn buffer(&mut self, slot: usize) -> &mut [u8];
+
+    /// Submits the first `len` bytes of slot `slot`'s buffer as one transfer, followed by a
     /// zero-length packet when `zlp`. The slot is not in flight. An error means nothing was
     /// submitted and no completion will come.
-    fn submit(&mut self, slot: usize, data: &[u8], zlp: bool) -> Result<(), rusb::Error>;
+    fn submit(&mut self, slot: usize, len: usize, zlp: bool) -> Result<(), rusb::Error>;
 
     /// Asks for slot `slot` to be cancelled if it is in flight (its completion still comes).
     fn cancel(&mut self, slot: usize);
@@ -228,6 +232,8 @@ pub(crate) struct AsyncWriter {
     stall_limit: Duration,
     drain_wait: Duration,
     cancel_wait: Duration,
+    /// A free slot handed out by [`AsyncWriter::reserve`] and not submitted yet.
+    reserved: Option<usize>,
     started: bool,
     closed: bool,
 }
@@ -246,6 +252,7 @@ impl AsyncWriter {
             stall_limit,
             drain_wait: DRAIN_WAIT,
             cancel_wait: CANCEL_WAIT,
+            reserved: None,
             started: false,
             closed: false,
         }
@@ -277,6 +284,55 @@ impl AsyncWriter {
         &self.completions.counters
     }
 
+    /// A free slot's buffer to build the next packet in, without waiting: `None` when every
+    /// slot is in flight (then [`AsyncWriter::send`] waits for one) or the link has failed.
+    /// The slot stays reserved, unsubmitted, until [`AsyncWriter::submit_reserved`] (or a
+    /// `send`) uses it, so asking again returns the same buffer.
+    pub(crate) fn reserve(&mut self) -> Option<&mut [u8]> {
+        if self.reserved.is_none() {
+            let mut s = lock(&self.completions.state);
+            if s.fault.is_some() || s.closing || !self.started {
+                return None;
+            }
+            self.reserved = Some(s.free.pop_front()?);
+        }
+        let slot = self.reserved?;
+        Some(self.pool.buffer(slot))
+    }
+
+    /// Submits the first `len` bytes of the buffer [`AsyncWriter::reserve`] returned as one
+    /// transfer (plus its ZLP when `zlp`).
+    pub(crate) fn submit_reserved(&mut self, len: usize, zlp: bool) -> Result<(), Fault> {
+        let Some(slot) = self.reserved.take() else {
+            return Err(Fault::Usb {
+                what: "bulk OUT",
+                error: rusb::Error::InvalidParam,
+            });
+        };
+        {
+            let mut s = lock(&self.completions.state);
+            if let Some(fault) = s.fault {
+                s.free.push_front(slot);
+                return Err(fault);
+            }
+            s.in_flight += 1;
+            if let Some(entry) = s.submitted.get_mut(slot) {
+                *entry = (len, zlp);
+            }
+        }
+        self.submit(slot, len, zlp)
+    }
+
+    /// Submits slot `slot`, already counted in flight; a refusal becomes the fault.
+    fn submit(&mut self, slot: usize, len: usize, zlp: bool) -> Result<(), Fault> {
+        if let Err(error) = self.pool.submit(slot, len, zlp) {
+            // Nothing was submitted: report it as the completion that will never come.
+            self.completions.completed(slot, OutOutcome::Failed(error));
+            return Err(self.fault().unwrap_or(Fault::Disconnected));
+        }
+        Ok(())
+    }
+
     /// Submits `data` as one transfer (plus its ZLP when `zlp`), waiting at most the stall limit
     /// for a free slot. Errors: the link's fault, or a stall (which becomes the fault).
     pub(crate) fn send(&mut self, data: &[u8], zlp: bool) -> Result<(), Fault> {
@@ -291,6 +347,10 @@ impl AsyncWriter {
         let slot = {
             let c = &*self.completions;
             let mut s = lock(&c.state);
+            // A slot reserved for in-place building and not used goes first.
+            if let Some(slot) = self.reserved.take() {
+                s.free.push_front(slot);
+            }
             // Read the clock only when the ring is full: each read is a system call where the
             // vDSO has no usable clock (the VM guest).
             let mut deadline = None;
@@ -318,12 +378,18 @@ impl AsyncWriter {
                 s = wait_step(s, &c.state, &c.changed, c.pump.get(), deadline - now);
             }
         };
-        if let Err(error) = self.pool.submit(slot, data, zlp) {
-            // Nothing was submitted: report it as the completion that will never come.
-            self.completions.completed(slot, OutOutcome::Failed(error));
-            return Err(self.fault().unwrap_or(Fault::Disconnected));
+        let buf = self.pool.buffer(slot);
+        match buf.get_mut(..data.len()) {
+            Some(dst) => dst.copy_from_slice(data),
+            None => {
+                // Cannot happen (the slot is free and `data` fits the capacity): refuse rather
+                // than send a different packet.
+                self.completions
+                    .completed(slot, OutOutcome::Failed(rusb::Error::InvalidParam));
+                return Err(self.fault().unwrap_or(Fault::Disconnected));
+            }
         }
-        Ok(())
+        self.submit(slot, data.len(), zlp)
     }
 
     /// Lets the transfers in flight finish (bounded), cancels the rest, waits (bounded) for
@@ -332,7 +398,13 @@ impl AsyncWriter {
         if std::mem::replace(&mut self.closed, true) {
             return;
         }
-        lock(&self.completions.state).closing = true;
+        {
+            let mut s = lock(&self.completions.state);
+            s.closing = true;
+            if let Some(slot) = self.reserved.take() {
+                s.free.push_front(slot);
+            }
+        }
         self.completions.changed.notify_all();
         if self.started && !self.completions.wait_idle(self.drain_wait) {
             for slot in 0..self.pool.slots() {
@@ -385,6 +457,7 @@ mod tests {
         completions: Arc<OutCompletions>,
         slots: usize,
         capacity: usize,
+        buffers: Vec<Vec<u8>>,
     }
 
     impl OutPool for FakePool {
@@ -401,7 +474,15 @@ mod tests {
             Ok(())
         }
 
-        fn submit(&mut self, slot: usize, data: &[u8], zlp: bool) -> Result<(), rusb::Error> {
+        fn buffer(&mut self, slot: usize) -> &mut [u8] {
+            let in_flight = self.bus.lock().unwrap().queued.iter().any(|q| q.0 == slot);
+            match self.buffers.get_mut(slot) {
+                Some(b) if !in_flight => b,
+                _ => &mut [],
+            }
+        }
+
+        fn submit(&mut self, slot: usize, len: usize, zlp: bool) -> Result<(), rusb::Error> {
             let mut bus = self.bus.lock().unwrap();
             assert!(
                 !bus.queued.iter().any(|q| q.0 == slot),
@@ -410,8 +491,9 @@ mod tests {
             if let Some(e) = bus.submit_errors.pop_front() {
                 return Err(e);
             }
-            bus.submissions.push((slot, data.to_vec(), zlp));
-            bus.queued.push_back((slot, data.to_vec(), zlp));
+            let data = self.buffers[slot][..len].to_vec();
+            bus.submissions.push((slot, data.clone(), zlp));
+            bus.queued.push_back((slot, data, zlp));
             Ok(())
         }
 
@@ -489,6 +571,7 @@ mod tests {
             completions: Arc::clone(&completions),
             slots,
             capacity: 1024,
+            buffers: vec![vec![0; 1024]; slots],
         };
         let mut writer = AsyncWriter::new(Box::new(pool), Arc::clone(&completions), stall)
             .with_waits(Duration::from_millis(50), Duration::from_millis(100));
@@ -611,6 +694,50 @@ mod tests {
         assert!(r.bus.lock().unwrap().cancels.is_empty());
         assert!(r.completions.wait_idle(Duration::ZERO));
         assert_eq!(r.completions.counters.transfers.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn packets_built_in_place_are_submitted_in_order_with_sends() {
+        let mut r = rig(2, Duration::from_secs(1));
+        let buf = r.writer.reserve().unwrap();
+        assert_eq!(buf.len(), 1024);
+        buf[..3].copy_from_slice(b"one");
+        // Asking again without submitting: the same slot, the bytes still there.
+        assert_eq!(&r.writer.reserve().unwrap()[..3], b"one");
+        r.writer.submit_reserved(3, true).unwrap();
+        r.writer.reserve().unwrap()[..3].copy_from_slice(b"two");
+        r.writer.submit_reserved(3, false).unwrap();
+        // Every slot in flight: nothing to build in, and submitting without a reservation fails.
+        assert!(r.writer.reserve().is_none());
+        assert!(r.writer.submit_reserved(1, false).is_err());
+        r.complete(None);
+        // A reservation left unused goes to the next `send`.
+        r.writer.reserve().unwrap()[..5].copy_from_slice(b"stale");
+        r.writer.send(b"three", false).unwrap();
+        let bus = r.bus.lock().unwrap();
+        let got: Vec<(usize, &[u8], bool)> = bus
+            .submissions
+            .iter()
+            .map(|s| (s.0, s.1.as_slice(), s.2))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, &b"one"[..], true),
+                (1, &b"two"[..], false),
+                (0, &b"three"[..], false)
+            ]
+        );
+    }
+
+    #[test]
+    fn close_returns_an_unused_reservation() {
+        let mut r = rig(1, Duration::from_secs(1));
+        assert!(r.writer.reserve().is_some());
+        r.writer.close();
+        assert!(r.writer.reserve().is_none(), "reserved after close");
+        assert_eq!(lock(&r.completions.state).free.len(), 1);
+        assert!(r.bus.lock().unwrap().submissions.is_empty());
     }
 
     #[test]

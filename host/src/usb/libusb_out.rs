@@ -257,23 +257,35 @@ impl<T: UsbContext + 'static> OutPool for LibusbOutPool<T> {
         Ok(())
     }
 
-    fn submit(&mut self, slot: usize, data: &[u8], zlp: bool) -> Result<(), rusb::Error> {
+    fn buffer(&mut self, slot: usize) -> &mut [u8] {
+        let Some(s) = self.inner.slots.get(slot) else {
+            return &mut [];
+        };
+        if s.in_flight.load(Ordering::Acquire) {
+            return &mut [];
+        }
+        // SAFETY: the slot is not in flight (acquire orders us after the callback that cleared
+        // the flag), so neither libusb nor the kernel uses the buffer, and it cannot be
+        // submitted while the returned borrow of `self` lives (`submit` needs `&mut self`);
+        // no other reference to it exists (only the pool reads or writes buffers, through
+        // `&mut self`). It has `buffer_len` initialised bytes and lives as long as `inner`.
+        unsafe { std::slice::from_raw_parts_mut(s.buffer.as_ptr(), self.inner.buffer_len) }
+    }
+
+    fn submit(&mut self, slot: usize, len: usize, zlp: bool) -> Result<(), rusb::Error> {
         let Some(s) = self.inner.slots.get(slot) else {
             return Err(rusb::Error::InvalidParam);
         };
-        if data.len() > self.inner.buffer_len {
+        if len > self.inner.buffer_len {
             return Err(rusb::Error::InvalidParam);
         }
-        let length = c_int::try_from(data.len()).map_err(|_| rusb::Error::InvalidParam)?;
+        let length = c_int::try_from(len).map_err(|_| rusb::Error::InvalidParam)?;
         if s.in_flight.swap(true, Ordering::AcqRel) {
             return Err(rusb::Error::Busy);
         }
-        // SAFETY: the slot is not in flight (the flag was clear; acquire orders us after the
-        // callback that cleared it) and only `&mut self` submits, so libusb does not use the
-        // buffer or the transfer; `data.len()` ≤ `buffer_len` (checked above); the regions
-        // cannot overlap (the buffer is a private allocation or mapping).
+        // SAFETY: the slot was not in flight (the flag was clear) and only `&mut self` submits,
+        // so libusb does not use the transfer; `len` ≤ `buffer_len` (checked above).
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), s.buffer.as_ptr(), data.len());
             let t = s.transfer.as_ptr();
             (*t).length = length;
             (*t).flags = if zlp {

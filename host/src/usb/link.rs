@@ -765,6 +765,41 @@ impl Link for UsbLink {
         Ok(())
     }
 
+    fn recv_with(
+        &mut self,
+        now: Instant,
+        scratch: &mut [u8],
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<usize>, LinkError> {
+        let InSide::Async(reader) = &mut self.in_side else {
+            let got = self.recv(now, scratch)?;
+            if let Some(n) = got {
+                f(scratch.get(..n).unwrap_or(scratch));
+            }
+            return Ok(got);
+        };
+        match reader.recv_with(&self.shared.counters, f) {
+            Ok(None) => match self.async_out.as_ref().and_then(|w| w.fault()) {
+                Some(fault) => Err(fault.into()),
+                None => Ok(None),
+            },
+            other => other.map_err(LinkError::from),
+        }
+    }
+
+    fn out_buffer(&mut self) -> Option<&mut [u8]> {
+        self.async_out.as_mut()?.reserve()
+    }
+
+    fn send_out_buffer(&mut self, _now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        match &mut self.async_out {
+            Some(writer) => writer.submit_reserved(len, zlp).map_err(LinkError::from),
+            None => Err(LinkError::Protocol(
+                "send_out_buffer without an out_buffer".into(),
+            )),
+        }
+    }
+
     fn recv(&mut self, _now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError> {
         let shared = &*self.shared;
         let out_fault = self.async_out.as_ref().and_then(|w| w.fault());
