@@ -85,11 +85,7 @@ pub trait Link: Send {
         scratch: &mut [u8],
         f: &mut dyn FnMut(&[u8]),
     ) -> Result<Option<usize>, LinkError> {
-        let got = self.recv(now, scratch)?;
-        if let Some(n) = got {
-            f(scratch.get(..n).unwrap_or(scratch));
-        }
-        Ok(got)
+        recv_via_scratch(self, now, scratch, f)
     }
 
     /// A buffer of the link's own to build the next OUT transfer in, in place (a free USB
@@ -133,4 +129,19 @@ pub trait Link: Send {
     fn handle_timeout(&mut self, now: Instant) {
         let _ = now;
     }
+}
+
+/// [`Link::recv_with`] for a link that cannot lend its bytes: [`Link::recv`] into `scratch`,
+/// then `f` over what arrived.
+pub(crate) fn recv_via_scratch<L: Link + ?Sized>(
+    link: &mut L,
+    now: Instant,
+    scratch: &mut [u8],
+    f: &mut dyn FnMut(&[u8]),
+) -> Result<Option<usize>, LinkError> {
+    let got = link.recv(now, scratch)?;
+    if let Some(n) = got {
+        f(scratch.get(..n).unwrap_or(scratch));
+    }
+    Ok(got)
 }

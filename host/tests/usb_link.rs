@@ -570,13 +570,42 @@ fn in_strategy_names_round_trip() {
 }
 
 #[test]
-fn out_strategy_names_round_trip_and_thread_is_the_default() {
+fn out_strategy_names_round_trip_and_async_is_the_default() {
     for strategy in [OutStrategy::Thread, OutStrategy::Async] {
         assert_eq!(strategy.name().parse::<OutStrategy>(), Ok(strategy));
         assert_eq!(strategy.to_string(), strategy.name());
     }
     assert!("sync".parse::<OutStrategy>().is_err());
-    assert_eq!(PipeConfig::default().out_strategy, OutStrategy::Thread);
+    assert_eq!(PipeConfig::default().out_strategy, OutStrategy::Async);
+}
+
+#[test]
+fn events_are_inline_by_default_and_only_where_both_directions_are_asynchronous() {
+    for strategy in [EventStrategy::Thread, EventStrategy::Inline] {
+        assert_eq!(strategy.name().parse::<EventStrategy>(), Ok(strategy));
+        assert_eq!(strategy.to_string(), strategy.name());
+    }
+    assert!("inlined".parse::<EventStrategy>().is_err());
+    let default = PipeConfig::default();
+    assert_eq!(default.events, EventStrategy::Inline);
+    assert_eq!(default.normalized().events, EventStrategy::Inline);
+    for (in_strategy, out_strategy) in [
+        (InStrategy::Thread, OutStrategy::Async),
+        (InStrategy::Async, OutStrategy::Thread),
+        (InStrategy::Thread, OutStrategy::Thread),
+    ] {
+        let used = PipeConfig {
+            in_strategy,
+            out_strategy,
+            ..default
+        }
+        .normalized();
+        // The asked strategies stay; only the events move to a thread.
+        assert_eq!(
+            (used.in_strategy, used.out_strategy, used.events),
+            (in_strategy, out_strategy, EventStrategy::Thread)
+        );
+    }
 }
 
 #[test]

@@ -128,11 +128,13 @@ use_daemon() {
     esac
 }
 
-# start_daemon debian|ours|ours-thread|ours-events-thread|ours-inline|ours-async-out: the daemon
-# as usbmuxd.service runs it (see the top); the others are ours with one USB option changed:
-# ours-thread reads USB IN with one reader thread, ours-events-thread handles libusb's events on
-# an event thread per phone, ours-inline on the phone's own thread, ours-async-out writes USB
-# OUT with asynchronous transfers.
+# start_daemon debian|ours|ours-thread|ours-events-thread|ours-sync|ours-heap: the daemon as
+# usbmuxd.service runs it (see the top); the others are ours with USB options changed from the
+# defaults (asynchronous transfers both ways, libusb's events handled on the phone's own thread,
+# buffers mapped from usbfs): ours-thread reads USB IN with one reader thread (OUT completions
+# then on an event thread), ours-events-thread handles libusb's events on an event thread per
+# phone, ours-sync uses only rusb's synchronous calls (a reader and a writer thread), ours-heap
+# gives the transfers heap buffers.
 DAEMON_N=0
 start_daemon() {
     local extra=
@@ -141,9 +143,8 @@ start_daemon() {
         ours) use_daemon ours ;;
         ours-thread) use_daemon ours; extra="--usb-in thread" ;;
         ours-events-thread) use_daemon ours; extra="--usb-events thread" ;;
-        ours-inline) use_daemon ours; extra="--usb-events inline" ;;
-        ours-async-out) use_daemon ours; extra="--usb-out async" ;;
-        ours-inline-heap) use_daemon ours; extra="--usb-events inline --usb-heap-buffers" ;;
+        ours-sync) use_daemon ours; extra="--usb-in thread --usb-out thread" ;;
+        ours-heap) use_daemon ours; extra="--usb-heap-buffers" ;;
     esac
     DAEMON_N=$((DAEMON_N + 1))
     DLOG=/tmp/logs/usbmuxd-$(printf %02d $DAEMON_N)-$1.log
@@ -194,14 +195,14 @@ profile_daemons() {
             kill -INT $tracer; wait $tracer 2> /dev/null
             perf report -q -i /tmp/perf-$d-$dir.data --stdio --no-children --sort dso,symbol -g none --percent-limit 1.5 2> /dev/null \
                 | grep -v '^$' | head -n 30 | sed "s/^/  profile $d perf $dir | /" | while IFS= read -r l; do info "$l"; done
-            # The whole guest: which process (phone, daemon, client, kernel threads) spends it.
-            perf record -q -e cpu-clock -F 1000 -a -o /tmp/perf-all-$d-$dir.data > /dev/null 2>&1 &
-            tracer=$!
-            sleep 1
-            info "profile $d perf-all $dir: $($CLIENT $dir --udid $UDID1 --mib $mib 2>&1)"
-            kill -INT $tracer; wait $tracer 2> /dev/null
-            perf report -q -i /tmp/perf-all-$d-$dir.data --stdio --no-children --sort comm -g none --percent-limit 2 2> /dev/null \
-                | grep -v '^$' | head -n 12 | sed "s/^/  profile $d perf-all $dir | /" | while IFS= read -r l; do info "$l"; done
+            # The whole guest for exactly the client's run (no idle lead-in): which process
+            # (phone, daemon, client, kernel threads) spends it, and on what.
+            info "profile $d perf-all $dir: $(perf record -q -e cpu-clock -F 1000 -a -o /tmp/perf-all-$d-$dir.data -- \
+                timeout 90 $OURS/usb-vm-client $dir --udid $UDID1 --mib $mib 2> /dev/null)"
+            perf report -q -i /tmp/perf-all-$d-$dir.data --stdio --no-children --sort comm -g none --percent-limit 1 2> /dev/null \
+                | grep -v '^$' | head -n 14 | sed "s/^/  profile $d perf-all $dir | /" | while IFS= read -r l; do info "$l"; done
+            perf report -q -i /tmp/perf-all-$d-$dir.data --stdio --no-children --sort comm,dso,symbol -g none --percent-limit 1.5 2> /dev/null \
+                | grep -v '^$' | head -n 30 | sed "s/^/  profile $d perf-all-sym $dir | /" | while IFS= read -r l; do info "$l"; done
         done
         stop_daemon $d
     done

@@ -18,7 +18,8 @@
 #   USB_VM_UP_MIB, USB_VM_DOWN_MIB, USB_VM_PAR_UP_MIB, USB_VM_PAR_DOWN_MIB, USB_VM_DIGEST_MIB
 #                   MiB per measured transfer (defaults 16, 8, 16, 8; digest cases 16)
 #   USB_VM_DAEMONS  daemons measured, comma-separated (default debian,ours,ours-thread;
-#                   ours-thread = our usbmuxd with --usb-in thread)
+#                   ours-thread = our usbmuxd with --usb-in thread; more in cases.sh's
+#                   start_daemon)
 #   USB_VM_VERBOSE  1: show the whole guest console while it runs
 #   USB_VM_PROFILE  1: after the measurements, watch each daemon of USB_VM_DAEMONS through one
 #                   transfer each way with `strace -f -c` and one with `perf record` (cpu-clock),

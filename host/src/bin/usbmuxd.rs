@@ -95,13 +95,13 @@ struct Cli {
     #[arg(long = "usb-in-kib", value_name = "KIB", default_value_t = (PipeConfig::default().in_buffer_size / 1024) as u16,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     usb_in_kib: u16,
-    /// How USB OUT is written: `thread` (one writer thread, synchronous writes) or `async`
-    /// (libusb asynchronous transfers submitted by the device thread, up to 8 in flight).
+    /// How USB OUT is written: `async` (libusb asynchronous transfers submitted by the phone's
+    /// thread, up to 8 in flight) or `thread` (one writer thread, synchronous writes).
     #[arg(long = "usb-out", value_name = "thread|async", default_value_t = PipeConfig::default().out_strategy)]
     usb_out: OutStrategy,
-    /// Who handles libusb's events: `thread` (an event thread per phone hands completions to
-    /// the phone's thread) or `inline` (the phone's thread polls libusb's descriptors itself;
-    /// implies --usb-in async --usb-out async).
+    /// Who handles libusb's events: `inline` (the phone's thread polls libusb's descriptors
+    /// itself; only with --usb-in async --usb-out async, else `thread`) or `thread` (an event
+    /// thread per phone hands completions to the phone's thread).
     #[arg(long = "usb-events", value_name = "thread|inline", default_value_t = PipeConfig::default().events)]
     usb_events: EventStrategy,
     /// Give asynchronous USB transfers heap buffers instead of memory mapped from the kernel's
@@ -275,7 +275,11 @@ fn run(cli: Cli) -> Result<(), String> {
             usb_pipe.in_buffers,
             usb_pipe.in_buffer_size / 1024
         );
-        info!("USB OUT: {}", usb_pipe.out_strategy);
+        let used = usb_pipe.normalized();
+        info!(
+            "USB OUT: {}; libusb events: {}",
+            used.out_strategy, used.events
+        );
     }
     if simulated {
         println!(

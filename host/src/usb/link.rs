@@ -1,10 +1,13 @@
-//! [`UsbLink`]: the [`Link`] over a phone's bulk pipes: IN by one reader thread or by several
-//! asynchronous transfers in flight ([`InStrategy`]), OUT by one writer thread.
+//! [`UsbLink`]: the [`Link`] over a phone's bulk pipes: IN by several asynchronous transfers in
+//! flight or one reader thread ([`InStrategy`]), OUT by asynchronous transfers or one writer
+//! thread ([`OutStrategy`]), libusb's events handled by the device thread or an event thread
+//! ([`EventStrategy`]). The defaults (all asynchronous, events inline) measured fastest and
+//! cheapest in the VM harness (BENCHMARKS.md §6); the threaded shapes remain as options.
 //!
-//! rusb 0.9 has only synchronous transfers, so the blocking calls live on threads of their own
+//! rusb 0.9 has only synchronous transfers, so its blocking calls live on threads of their own
 //! and the device thread never waits on the bus:
 //!
-//! - **IN, [`InStrategy::Thread`] (the default): one reader thread.** Several threads reading one endpoint could complete out of order
+//! - **IN, [`InStrategy::Thread`]: one reader thread.** Several threads reading one endpoint could complete out of order
 //!   and reorder the byte stream, so there is exactly one. It reads into large buffers
 //!   ([`PipeConfig::in_buffer_size`], 64 KiB: a whole mux packet of up to 65 535 bytes plus the
 //!   short packet that ends it fits one transfer) taken from a small ring
@@ -16,15 +19,15 @@
 //!   [`PipeConfig::read_timeout`] only so the thread notices a close; a timed-out read that got
 //!   some bytes returns them (rusb reports them as a success), so no data is lost to the timeout.
 //!   Zero-length transfers carry nothing for the byte-stream reassembler and are not handed on.
-//! - **IN, [`InStrategy::Async`]: [`PipeConfig::in_buffers`] libusb asynchronous transfers in
-//!   flight** (`super::async_in`, over the crate's one unsafe module `super::libusb_in`), so
+//! - **IN, [`InStrategy::Async`] (the default): [`PipeConfig::in_buffers`] libusb asynchronous
+//!   transfers in flight** (`super::async_in`, over the unsafe module `super::libusb_in`), so
 //!   the endpoint always has a buffer queued, even while the device thread or the scheduler is
 //!   busy. Same hand-over contract as the reader thread: completions in order, a transfer is
 //!   resubmitted only after [`Link::recv`] has drained it (backpressure), a failure becomes the
 //!   same [`LinkError`]. Needs a real libusb device handle, so only
 //!   [`UsbLink::open_with`](super::UsbLink::open_with) builds it; [`UsbLink::with_io`] always
 //!   uses the reader thread.
-//! - **OUT: one writer thread** fed by a bounded queue ([`PipeConfig::out_queue`] packets).
+//! - **OUT, [`OutStrategy::Thread`]: one writer thread** fed by a bounded queue ([`PipeConfig::out_queue`] packets).
 //!   [`Link::send`] copies the packet into a recycled buffer and returns; the writer submits it as
 //!   **one** bulk transfer of exactly those bytes and then, when asked, a zero-length transfer —
 //!   the ZLP that tells the phone where a packet whose length is a multiple of `wMaxPacketSize`
@@ -34,14 +37,18 @@
 //!   it for the whole transfer (≈ 1 ms for 48 KiB at high speed) while clients and IN data wait,
 //!   and would leave the bus idle while the device thread does its other work; with the queue,
 //!   the next OUT transfer is submitted as soon as the previous one completes.
-//! - **OUT, [`OutStrategy::Async`] (opt-in): [`PipeConfig::out_queue`] libusb asynchronous
-//!   transfers** (`super::async_out`, over `super::libusb_out`): [`Link::send`] copies the
-//!   packet into a free pre-allocated transfer and submits it itself, in order, the ZLP as
-//!   libusb's `ADD_ZERO_PACKET` flag on the same transfer; no writer thread, so no hand-over
-//!   per packet. Same backpressure (wait for a free transfer, at most the stall limit) and
-//!   faults. Completions run on the asynchronous IN pool's event thread, or on one of its own
-//!   when IN uses the reader thread. Only [`UsbLink::open_with`](super::UsbLink::open_with)
-//!   builds it.
+//! - **OUT, [`OutStrategy::Async`] (the default): [`PipeConfig::out_queue`] libusb asynchronous
+//!   transfers** (`super::async_out`, over `super::libusb_out`): the device thread builds the
+//!   packet in a free pre-allocated transfer ([`Link::out_buffer`]; [`Link::send`] copies it
+//!   into one) and submits it itself, in order, the ZLP as libusb's `ADD_ZERO_PACKET` flag on
+//!   the same transfer; no writer thread, so no hand-over per packet. Same backpressure (wait
+//!   for a free transfer, at most the stall limit) and faults. Only
+//!   [`UsbLink::open_with`](super::UsbLink::open_with) builds it.
+//! - **Events, [`EventStrategy::Inline`] (the default, when both directions are
+//!   asynchronous):** the device thread's poll loop watches libusb's file descriptors
+//!   ([`Link::register`]) and runs the completions itself ([`Link::handle_ready`]); with
+//!   [`EventStrategy::Thread`] they run on the IN pool's event thread (or the OUT pool's own,
+//!   when IN uses the reader thread) and are handed over through a queue and the waker.
 //! - **Failure.** A transfer error other than a timeout ends the link: `NoDevice` (unplugged) is
 //!   reported as [`LinkError::Disconnected`], anything else as [`LinkError::Usb`]. The waker is
 //!   woken, [`Link::recv`] returns the IN data that arrived before the failure and then the error,
@@ -130,12 +137,12 @@ impl core::str::FromStr for InStrategy {
 pub enum OutStrategy {
     /// One writer thread doing synchronous writes fed by a queue of [`PipeConfig::out_queue`]
     /// packets (the module docs).
-    #[default]
     Thread,
     /// [`PipeConfig::out_queue`] pre-allocated libusb asynchronous transfers, filled and
-    /// submitted by [`Link::send`] itself, the ZLP as libusb's `ADD_ZERO_PACKET` flag: no
-    /// hand-over to a writer thread, which in the VM cost ≈ 8 system calls and 2–3 context
-    /// switches per OUT transfer. Opt-in until measured (`super::async_out`).
+    /// submitted by the device thread itself (built in place, [`Link::out_buffer`]), the ZLP as
+    /// libusb's `ADD_ZERO_PACKET` flag: no hand-over to a writer thread, which in the VM cost
+    /// ≈ 8 system calls and 2–3 context switches per OUT transfer (`super::async_out`).
+    #[default]
     Async,
 }
 
@@ -175,13 +182,14 @@ impl core::str::FromStr for OutStrategy {
 pub enum EventStrategy {
     /// An event thread per phone (or the writer thread's synchronous transfers): completions
     /// are handed to the device thread through a queue and its waker.
-    #[default]
     Thread,
     /// The device thread itself: its poll loop watches libusb's file descriptors and handles
     /// the events when one fires, so a completion is consumed where it happens — no event
     /// thread, no hand-over, no wake-up per transfer (Debian's usbmuxd's one-loop shape). Needs
-    /// both directions asynchronous ([`InStrategy::Async`], [`OutStrategy::Async`]); choosing
-    /// it makes them so (`super::async_in::EventPump`).
+    /// both directions asynchronous ([`InStrategy::Async`], [`OutStrategy::Async`]); with
+    /// either synchronous, the link uses [`EventStrategy::Thread`] (`super::async_in::EventPump`).
+    /// The default: in the VM it beat the event thread on every measure (BENCHMARKS.md §6).
+    #[default]
     Inline,
 }
 
@@ -240,7 +248,8 @@ pub struct PipeConfig {
     pub in_strategy: InStrategy,
     /// How OUT is written.
     pub out_strategy: OutStrategy,
-    /// Who handles libusb's events ([`EventStrategy::Inline`] implies both strategies async).
+    /// Who handles libusb's events ([`EventStrategy::Inline`] only when both strategies are
+    /// async; otherwise [`EventStrategy::Thread`]).
     pub events: EventStrategy,
     /// Asynchronous transfers use buffers mapped from the kernel's usbfs where it grants them
     /// (done in place: no per-transfer kernel allocation, clearing and copy — about a third
@@ -265,8 +274,9 @@ impl Default for PipeConfig {
 }
 
 impl PipeConfig {
-    /// The sizes actually used: whole KiB buffers, at least one of everything.
-    pub(super) fn normalized(mut self) -> Self {
+    /// The configuration a link actually uses: whole KiB buffers, at least one of everything,
+    /// inline events only where both directions are asynchronous.
+    pub fn normalized(mut self) -> Self {
         self.in_buffer_size = self
             .in_buffer_size
             .max(1)
@@ -275,9 +285,10 @@ impl PipeConfig {
         self.in_buffers = self.in_buffers.max(1);
         self.out_queue = self.out_queue.max(1);
         self.read_timeout = self.read_timeout.max(Duration::from_millis(1));
-        if self.events == EventStrategy::Inline {
-            self.in_strategy = InStrategy::Async;
-            self.out_strategy = OutStrategy::Async;
+        // Inline events need both directions asynchronous: a synchronous one has its own
+        // thread blocking in libusb, and someone else must handle the other's completions.
+        if self.in_strategy != InStrategy::Async || self.out_strategy != OutStrategy::Async {
+            self.events = EventStrategy::Thread;
         }
         self
     }
@@ -772,11 +783,7 @@ impl Link for UsbLink {
         f: &mut dyn FnMut(&[u8]),
     ) -> Result<Option<usize>, LinkError> {
         let InSide::Async(reader) = &mut self.in_side else {
-            let got = self.recv(now, scratch)?;
-            if let Some(n) = got {
-                f(scratch.get(..n).unwrap_or(scratch));
-            }
-            return Ok(got);
+            return crate::link::recv_via_scratch(self, now, scratch, f);
         };
         match reader.recv_with(&self.shared.counters, f) {
             Ok(None) => match self.async_out.as_ref().and_then(|w| w.fault()) {

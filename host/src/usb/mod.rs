@@ -7,13 +7,15 @@
 //!   carry usbmux — pure functions over plain descriptor structs, tested on captured
 //!   descriptors (`host/tests/fixtures/usb/`);
 //! - [`identity`]: UDID from the serial string, location id, connection speed;
-//! - [`UsbLink`]: the [`Link`](crate::link::Link) over a claimed device — IN by one reader
-//!   thread with a ring of large buffers or by several libusb asynchronous transfers in flight
-//!   ([`InStrategy`], [`PipeConfig::in_strategy`]), one writer thread sending each mux packet as
-//!   one OUT transfer plus its ZLP. Reassembly is not done here: the device thread feeds every
-//!   IN transfer to `usbmux_core::usb::Reassembler`, which treats the pipe as a byte stream;
-//!   the asynchronous strategy's logic is in `async_in`, its libusb calls in `libusb_in`, the
-//!   crate's only `unsafe` code;
+//! - [`UsbLink`]: the [`Link`](crate::link::Link) over a claimed device — by default several
+//!   libusb asynchronous transfers in flight each way, their events handled by the device
+//!   thread itself ([`EventStrategy::Inline`]); or IN by one reader thread with a ring of large
+//!   buffers ([`InStrategy`]), OUT by one writer thread ([`OutStrategy`]), events on an event
+//!   thread. Each mux packet is one OUT transfer plus its ZLP. Reassembly is not done here: the
+//!   device thread feeds every IN transfer to `usbmux_core::usb::Reassembler`, which treats the
+//!   pipe as a byte stream. The asynchronous logic is in `async_in`/`async_out`, the libusb
+//!   calls in `libusb_in`, `libusb_out`, `libusb_events` and `libusb_mem` — the crate's only
+//!   `unsafe` code;
 //! - [`Watcher`]: hotplug (or 1 s polling) discovery, reporting [`UsbEvent::Arrived`] with a
 //!   ready link and [`UsbEvent::Left`].
 //!
