@@ -1,7 +1,8 @@
 #![doc = include_str!("../README.md")]
-// `deny`, not `forbid`: the exceptions are `usb::libusb_in`, `usb::libusb_out` (libusb's
-// asynchronous transfers) and `usb::libusb_events` (libusb's poll descriptors), which rusb does
-// not wrap; allowed there alone and documented there.
+// `deny`, not `forbid`: the exceptions are `usb::libusb_pool` (libusb's asynchronous transfers,
+// for `usb::libusb_in` and `usb::libusb_out`), `usb::libusb_mem` (usbfs-mapped transfer
+// buffers) and `usb::libusb_events` (libusb's poll descriptors), which rusb does not wrap;
+// allowed there alone and documented there.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
