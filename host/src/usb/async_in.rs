@@ -35,69 +35,16 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::link::{lock, wake, Counters, Fault};
+use super::async_common::{Tracker, CANCEL_WAIT};
+use super::link::{Counters, Fault};
 use crate::link::LinkError;
 
-/// How long [`AsyncReader::close`] waits for cancelled transfers to report back. libusb
-/// reports a cancellation within a millisecond or so; this bound only matters if the event
-/// thread is wedged, and then the pool keeps (leaks) its memory rather than free it under a
-/// transfer that may still complete.
-pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
-
-/// How long one [`wait_step`] may handle events when the caller runs them inline: only a bound
-/// on how often the caller re-checks its deadline (libusb returns as soon as it handled
-/// something).
-const PUMP_SLICE: Duration = Duration::from_millis(100);
-
-/// Handling libusb's events on the device thread itself ([`EventStrategy::Inline`]
-/// (super::EventStrategy::Inline)) instead of on an event thread: the completions of both
-/// pools then run inside [`EventPump::pump`], on whichever thread calls it.
-///
-/// Why: with an event thread, every IN completion is a hand-over — the event thread wakes, takes
-/// the queue's lock, writes the device thread's eventfd, and the device thread wakes to read it
-/// — which in the VM cost more system calls and context switches per transfer than Debian's
-/// usbmuxd spends in total, because it polls libusb's descriptors from its one main loop. The
-/// device thread's mio loop watches [`EventPump::fds`] and calls `pump(0)` when one fires; the
-/// few places that must wait for a completion (a full OUT ring, close) pump instead of sleeping
-/// on a condition variable nobody would signal.
-pub(crate) trait EventPump: Send + Sync {
-    /// Handles the events pending now, or the first within `timeout`, on the calling thread.
-    fn pump(&self, timeout: Duration);
-
-    /// The file descriptors a poll loop must watch (with `true`: for writability, as libusb
-    /// asks for usbfs descriptors; else for readability) so that it calls
-    /// [`EventPump::pump`] whenever there is something to handle.
-    fn fds(&self) -> Vec<(std::os::fd::RawFd, bool)>;
-}
-
-/// One bounded wait for a completion while holding `guard` on `mutex`: on `changed` when
-/// completions come from an event thread, or by handling events inline (`pump`, with the lock
-/// released: the completions take it). Callers loop, re-checking their condition and
-/// deadline; wake-ups may be spurious.
-pub(crate) fn wait_step<'a, S>(
-    guard: MutexGuard<'a, S>,
-    mutex: &'a Mutex<S>,
-    changed: &Condvar,
-    pump: Option<&Arc<dyn EventPump>>,
-    left: Duration,
-) -> MutexGuard<'a, S> {
-    match pump {
-        Some(pump) => {
-            drop(guard);
-            pump.pump(left.min(PUMP_SLICE));
-            lock(mutex)
-        }
-        None => {
-            changed
-                .wait_timeout(guard, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0
-        }
-    }
-}
+/// Re-exported because the link, the device opener and the libusb pump name it here; it lives
+/// with the rest of what both directions share.
+pub(crate) use super::async_common::EventPump;
 
 /// How one IN transfer ended, as the pool's completion callback reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,55 +91,27 @@ struct Done {
     len: usize,
 }
 
-#[derive(Debug, Default)]
-struct Queue {
-    /// Completed transfers in stream order (at most one entry per slot).
-    done: VecDeque<Done>,
-    /// Submitted transfers whose completion has not come yet.
-    in_flight: usize,
-    /// The first failure; nothing is queued or resubmitted after it.
-    fault: Option<Fault>,
-    /// [`AsyncReader::close`] has begun: cancellations are expected.
-    closing: bool,
-}
-
 /// Where a pool's completions go: the queue the device thread reads, shared between the
-/// completion callback (libusb's event thread) and the [`AsyncReader`].
+/// completion callback (libusb's event thread) and the [`AsyncReader`]. Its condition variable
+/// is signalled only when nothing is left in flight: only close waits, and for that.
 #[derive(Debug)]
 pub(crate) struct Completions {
-    queue: Mutex<Queue>,
-    /// Signalled when `in_flight` drops to zero.
-    idle: Condvar,
-    /// The device thread's waker, set by [`AsyncReader::start`] before the first submission.
-    waker: OnceLock<Arc<mio::Waker>>,
-    /// Set when events are handled inline ([`EventPump`]): completions then run on the
-    /// thread that will look at the queue next, so they wake nobody, and waits pump.
-    pump: OnceLock<Arc<dyn EventPump>>,
-}
-
-impl core::fmt::Debug for dyn EventPump {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str("EventPump")
-    }
+    /// Completed transfers in stream order (at most one entry per slot); nothing is queued or
+    /// resubmitted after a fault.
+    tracker: Tracker<VecDeque<Done>>,
 }
 
 impl Completions {
     /// Completions for a pool of `slots` transfers.
     pub(crate) fn new(slots: usize) -> Arc<Completions> {
         Arc::new(Completions {
-            queue: Mutex::new(Queue {
-                done: VecDeque::with_capacity(slots),
-                ..Queue::default()
-            }),
-            idle: Condvar::new(),
-            waker: OnceLock::new(),
-            pump: OnceLock::new(),
+            tracker: Tracker::new(VecDeque::with_capacity(slots)),
         })
     }
 
     /// Makes waits handle events with `pump` (inline events), before the pool starts.
     pub(crate) fn set_pump(&self, pump: Arc<dyn EventPump>) {
-        let _ = self.pump.set(pump);
+        self.tracker.set_pump(pump);
     }
 
     /// Reports how a submitted transfer ended. Called from the pool's completion callback on
@@ -200,99 +119,56 @@ impl Completions {
     /// most one wake.
     pub(crate) fn completed(&self, slot: usize, outcome: Outcome) {
         let wake_now = {
-            let mut q = lock(&self.queue);
+            let mut q = self.tracker.lock();
             q.in_flight = q.in_flight.saturating_sub(1);
             let wake_now = match outcome {
                 Outcome::Data(_) | Outcome::Failed(_) if q.fault.is_some() => false,
                 Outcome::Data(len) => {
-                    let was_empty = q.done.is_empty();
-                    q.done.push_back(Done { slot, len });
+                    let was_empty = q.slots.is_empty();
+                    q.slots.push_back(Done { slot, len });
                     // The device thread drains the queue until `recv` says `None`, so one wake
                     // per empty → non-empty transition is enough.
                     was_empty
                 }
-                Outcome::Failed(error) => {
-                    let fault = Fault::from_usb("bulk IN", error);
-                    log::debug!("USB link failed: {}", LinkError::from(fault));
-                    q.fault = Some(fault);
-                    true
-                }
+                Outcome::Failed(error) => q.fail(Fault::from_usb("bulk IN", error)),
                 Outcome::Cancelled if q.closing => false,
                 Outcome::Cancelled => {
-                    if q.fault.is_none() {
-                        q.fault = Some(Fault::Usb {
-                            what: "bulk IN",
-                            error: rusb::Error::Interrupted,
-                        });
-                    }
+                    q.fail(Fault::Usb {
+                        what: "bulk IN",
+                        error: rusb::Error::Interrupted,
+                    });
                     true
                 }
             };
-            if q.in_flight == 0 && self.pump.get().is_none() {
-                self.idle.notify_all();
+            if q.in_flight == 0 {
+                self.tracker.notify();
             }
             wake_now
         };
         // Inline, the completion runs inside the device thread's own `pump`, which reads the
         // queue right after: waking it would be one system call per transfer for nothing.
-        if wake_now && self.pump.get().is_none() {
-            if let Some(waker) = self.waker.get() {
-                wake(waker);
-            }
+        if wake_now && !self.tracker.inline() {
+            self.tracker.wake();
         }
     }
 
     /// The first IN failure, if any.
     pub(crate) fn fault(&self) -> Option<Fault> {
-        lock(&self.queue).fault
+        self.tracker.lock().fault
     }
 
     /// The first failure and the oldest completed transfer, under one lock.
     fn peek(&self) -> (Option<Fault>, Option<Done>) {
-        let q = lock(&self.queue);
-        (q.fault, q.done.front().copied())
+        let q = self.tracker.lock();
+        (q.fault, q.slots.front().copied())
     }
 
     /// Retires the oldest completed transfer and, if submitting is still allowed (no fault,
     /// not closing), counts its resubmission, under one lock. True: submit it now.
     fn retire(&self) -> bool {
-        let mut q = lock(&self.queue);
-        q.done.pop_front();
-        Self::claim(&mut q)
-    }
-
-    /// Counts a submission about to happen (before it, since its completion may come first) if
-    /// submitting is still allowed. True: submit it now.
-    fn begin_submit(&self) -> bool {
-        Self::claim(&mut lock(&self.queue))
-    }
-
-    fn claim(q: &mut Queue) -> bool {
-        let open = q.fault.is_none() && !q.closing;
-        if open {
-            q.in_flight += 1;
-        }
-        open
-    }
-
-    /// Marks the start of close: no more submissions, cancellations expected. Returns whether
-    /// it was already closing.
-    fn set_closing(&self) -> bool {
-        std::mem::replace(&mut lock(&self.queue).closing, true)
-    }
-
-    /// Waits until no transfer is in flight, at most `limit`; true if none is.
-    fn wait_idle(&self, limit: Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        let mut q = lock(&self.queue);
-        while q.in_flight > 0 {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            q = wait_step(q, &self.queue, &self.idle, self.pump.get(), deadline - now);
-        }
-        true
+        let mut q = self.tracker.lock();
+        q.slots.pop_front();
+        q.claim()
     }
 }
 
@@ -333,12 +209,11 @@ impl AsyncReader {
     /// Starts the pool's event handling and submits every slot. A failed submission is a
     /// fault reported through `recv` (and the waker), like a failed transfer.
     pub(crate) fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError> {
-        // Only the first start sets it; `UsbLink` refuses a second start anyway.
-        let _ = self.completions.waker.set(waker);
+        self.completions.tracker.set_waker(waker);
         self.pool.start()?;
         self.started = true;
         for slot in 0..self.pool.slots() {
-            if self.completions.begin_submit() {
+            if self.completions.tracker.lock().claim() {
                 self.submit(slot);
             }
         }
@@ -438,9 +313,7 @@ impl AsyncReader {
         // Zero-length transfers kept coming for a whole turn: the queue is not empty, so no
         // completion will wake the device thread for what is left. Wake it ourselves so that
         // this `None` does not strand it.
-        if let Some(waker) = self.completions.waker.get() {
-            wake(waker);
-        }
+        self.completions.tracker.wake();
         Ok(None)
     }
 
@@ -451,17 +324,15 @@ impl AsyncReader {
             return;
         }
         self.closed = true;
-        self.completions.set_closing();
+        self.completions.tracker.lock().closing = true;
         if self.started {
-            for slot in 0..self.pool.slots() {
-                self.pool.cancel(slot);
-            }
-            if !self.completions.wait_idle(self.cancel_wait) {
-                log::error!(
-                    "USB: IN transfers still in flight {} ms after cancelling them",
-                    self.cancel_wait.as_millis()
-                );
-            }
+            let pool = &mut self.pool;
+            self.completions.tracker.cancel_all(
+                pool.slots(),
+                |slot| pool.cancel(slot),
+                self.cancel_wait,
+                "IN",
+            );
         }
         self.pool.stop();
     }
@@ -481,25 +352,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::usb::async_common::fake::{DeviceThread, Pump};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
     use std::time::Instant;
 
-    #[derive(Default)]
-    struct Bus {
-        /// Submitted slots, oldest first (what the "controller" completes next).
-        queued: VecDeque<usize>,
-        /// Every submission, in order.
-        submissions: Vec<usize>,
-        cancels: Vec<usize>,
-        /// Errors for the next submissions.
-        submit_errors: VecDeque<rusb::Error>,
-        /// Cancel completes the transfer at once (as libusb soon does); false: never.
-        cancel_completes: bool,
-        /// Every submission completes at once with a zero-length packet (a phone sending only
-        /// ZLPs, faster than the device thread retires them).
-        zlp_on_submit: bool,
-        started: bool,
-        stopped: bool,
-    }
+    /// The fake bus: in flight and submitted are slot numbers.
+    type Bus = crate::usb::async_common::fake::Bus<usize>;
 
     /// The pool: its buffers are what the test "controller" wrote into `written` when it
     /// completed the slot.
@@ -507,6 +366,9 @@ mod tests {
         bus: Arc<Mutex<Bus>>,
         completions: Arc<Completions>,
         written: Arc<Mutex<Vec<Vec<u8>>>>,
+        /// Every submission completes at once with a zero-length packet (a phone sending only
+        /// ZLPs, faster than the device thread retires them).
+        zlp_on_submit: Arc<AtomicBool>,
         buffers: Vec<Vec<u8>>,
     }
 
@@ -521,25 +383,18 @@ mod tests {
         }
 
         fn submit(&mut self, slot: usize) -> Result<(), rusb::Error> {
-            let mut bus = self.bus.lock().unwrap();
-            assert!(!bus.queued.contains(&slot), "slot {slot} submitted twice");
-            if let Some(e) = bus.submit_errors.pop_front() {
-                return Err(e);
-            }
-            bus.submissions.push(slot);
-            if bus.zlp_on_submit {
-                drop(bus);
+            self.bus.lock().unwrap().submit(slot)?;
+            if self.zlp_on_submit.load(Ordering::SeqCst) {
+                self.bus.lock().unwrap().queued.pop_back();
                 self.written.lock().unwrap()[slot].clear();
                 self.completions.completed(slot, Outcome::Data(0));
-                return Ok(());
             }
-            bus.queued.push_back(slot);
             Ok(())
         }
 
         fn data(&mut self, slot: usize) -> &[u8] {
             assert!(
-                !self.bus.lock().unwrap().queued.contains(&slot),
+                !self.bus.lock().unwrap().in_flight(slot),
                 "slot {slot} read while in flight"
             );
             self.buffers[slot].clone_from(&self.written.lock().unwrap()[slot]);
@@ -547,14 +402,8 @@ mod tests {
         }
 
         fn cancel(&mut self, slot: usize) {
-            let mut bus = self.bus.lock().unwrap();
-            bus.cancels.push(slot);
-            if bus.cancel_completes {
-                if let Some(i) = bus.queued.iter().position(|&s| s == slot) {
-                    bus.queued.remove(i);
-                    drop(bus);
-                    self.completions.completed(slot, Outcome::Cancelled);
-                }
+            if self.bus.lock().unwrap().cancel(slot) {
+                self.completions.completed(slot, Outcome::Cancelled);
             }
         }
 
@@ -567,66 +416,51 @@ mod tests {
         bus: Arc<Mutex<Bus>>,
         completions: Arc<Completions>,
         written: Arc<Mutex<Vec<Vec<u8>>>>,
+        zlp_on_submit: Arc<AtomicBool>,
         reader: AsyncReader,
         counters: Counters,
-        poll: mio::Poll,
-        events: mio::Events,
+        device: DeviceThread,
     }
 
     fn rig(slots: usize) -> Rig {
-        let bus = Arc::new(Mutex::new(Bus {
-            cancel_completes: true,
-            ..Bus::default()
-        }));
+        let bus = Bus::new();
         let completions = Completions::new(slots);
         let written = Arc::new(Mutex::new(vec![Vec::new(); slots]));
+        let zlp_on_submit = Arc::new(AtomicBool::new(false));
         let pool = FakePool {
             bus: Arc::clone(&bus),
             completions: Arc::clone(&completions),
             written: Arc::clone(&written),
+            zlp_on_submit: Arc::clone(&zlp_on_submit),
             buffers: vec![Vec::new(); slots],
         };
         let reader = AsyncReader::new(Box::new(pool), Arc::clone(&completions));
-        let poll = mio::Poll::new().unwrap();
         Rig {
             bus,
             completions,
+            written,
+            zlp_on_submit,
             reader,
             counters: Counters::default(),
-            poll,
-            events: mio::Events::with_capacity(4),
-            written,
+            device: DeviceThread::new(),
         }
     }
 
     impl Rig {
         fn start(&mut self) {
-            let waker = Arc::new(mio::Waker::new(self.poll.registry(), mio::Token(0)).unwrap());
-            self.reader.start(waker).unwrap();
+            self.reader.start(self.device.waker()).unwrap();
         }
 
         /// The controller completes the oldest submitted transfer with `data`.
         fn complete(&self, data: &[u8]) -> usize {
-            let slot = self
-                .bus
-                .lock()
-                .unwrap()
-                .queued
-                .pop_front()
-                .expect("nothing in flight");
+            let slot = self.bus.lock().unwrap().take_oldest();
             self.written.lock().unwrap()[slot] = data.to_vec();
             self.completions.completed(slot, Outcome::Data(data.len()));
             slot
         }
 
         fn fail(&self, error: rusb::Error) {
-            let slot = self
-                .bus
-                .lock()
-                .unwrap()
-                .queued
-                .pop_front()
-                .expect("nothing in flight");
+            let slot = self.bus.lock().unwrap().take_oldest();
             self.completions.completed(slot, Outcome::Failed(error));
         }
 
@@ -660,10 +494,12 @@ mod tests {
 
         /// Whether the device thread's waker fired since the last call.
         fn woken(&mut self) -> bool {
-            self.poll
-                .poll(&mut self.events, Some(Duration::ZERO))
-                .unwrap();
-            !self.events.is_empty()
+            self.device.woken(Duration::ZERO)
+        }
+
+        /// Whether nothing is in flight, as the completions count it.
+        fn idle(&self) -> bool {
+            self.completions.tracker.wait_idle(Duration::ZERO)
         }
     }
 
@@ -781,7 +617,7 @@ mod tests {
         r.complete(b"");
         assert!(r.woken());
         // From now on the queue never runs empty, so completions wake nobody.
-        r.bus.lock().unwrap().zlp_on_submit = true;
+        r.zlp_on_submit.store(true, Ordering::SeqCst);
         // Every retired ZLP comes straight back: recv gives up after a bounded turn...
         assert_eq!(r.recv(10).unwrap(), None);
         // ...and, with the queue still non-empty, wakes the device thread itself.
@@ -789,7 +625,7 @@ mod tests {
             r.woken(),
             "a None with completions still queued must come with a wake"
         );
-        r.bus.lock().unwrap().zlp_on_submit = false;
+        r.zlp_on_submit.store(false, Ordering::SeqCst);
         assert_eq!(r.drain(10), b"");
         assert_eq!(r.in_flight().len(), 2);
     }
@@ -844,7 +680,7 @@ mod tests {
         assert_eq!(r.recv(100).unwrap().unwrap(), b"last");
         assert_eq!(r.recv(100), Err(Fault::Disconnected));
         assert!(r.in_flight().is_empty());
-        assert!(r.completions.wait_idle(Duration::ZERO), "count balanced");
+        assert!(r.idle(), "count balanced");
     }
 
     #[test]
@@ -884,7 +720,7 @@ mod tests {
         assert!(bus.queued.is_empty());
         assert!(bus.stopped);
         drop(bus);
-        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert!(r.idle());
         // Closing twice (close, then drop) cancels once.
         r.reader.close();
         assert_eq!(r.bus.lock().unwrap().cancels.len(), 4);
@@ -911,47 +747,29 @@ mod tests {
             "returned after {waited:?}"
         );
         assert!(r.bus.lock().unwrap().stopped);
-        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert!(r.idle());
         event_thread.join().unwrap();
         // Cancellations during close are not faults.
         assert_eq!(r.reader.fault(), None);
-    }
-
-    /// Inline events: a pump that completes every cancelled transfer, as libusb's event
-    /// handling on the calling thread would (the fake bus's cancel does not complete them).
-    struct CancelPump {
-        bus: Arc<Mutex<Bus>>,
-        completions: Arc<Completions>,
-        pumps: std::sync::atomic::AtomicUsize,
-    }
-
-    impl EventPump for CancelPump {
-        fn pump(&self, _timeout: Duration) {
-            self.pumps.fetch_add(1, Ordering::SeqCst);
-            let cancelled: Vec<usize> = {
-                let mut bus = self.bus.lock().unwrap();
-                let cancels = bus.cancels.clone();
-                bus.queued.retain(|s| !cancels.contains(s));
-                cancels
-            };
-            for slot in cancelled {
-                self.completions.completed(slot, Outcome::Cancelled);
-            }
-        }
-
-        fn fds(&self) -> Vec<(std::os::fd::RawFd, bool)> {
-            Vec::new()
-        }
     }
 
     #[test]
     fn inline_completions_wake_nobody_and_close_pumps_until_idle() {
         let mut r = rig(2);
         r.bus.lock().unwrap().cancel_completes = false;
-        let pump = Arc::new(CancelPump {
-            bus: Arc::clone(&r.bus),
-            completions: Arc::clone(&r.completions),
-            pumps: Default::default(),
+        // Inline events: each pump completes every cancelled transfer, as libusb's event
+        // handling on the calling thread would (the fake bus's cancel does not complete them).
+        let (bus, completions) = (Arc::clone(&r.bus), Arc::clone(&r.completions));
+        let pump = Pump::new(move || {
+            let cancelled: Vec<usize> = {
+                let mut bus = bus.lock().unwrap();
+                let cancels = bus.cancels.clone();
+                bus.queued.retain(|s| !cancels.contains(s));
+                cancels
+            };
+            for slot in cancelled {
+                completions.completed(slot, Outcome::Cancelled);
+            }
         });
         r.completions
             .set_pump(Arc::clone(&pump) as Arc<dyn EventPump>);
@@ -963,12 +781,12 @@ mod tests {
         assert_eq!(&buf[..6], b"inline");
         let started = Instant::now();
         r.reader.close();
-        assert!(pump.pumps.load(Ordering::SeqCst) >= 1);
+        assert!(pump.pumps() >= 1);
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "close waited instead of pumping"
         );
-        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert!(r.idle());
         assert!(r.bus.lock().unwrap().stopped);
     }
 
@@ -979,13 +797,12 @@ mod tests {
             bus,
             completions,
             reader,
+            device,
             ..
         } = r;
         bus.lock().unwrap().cancel_completes = false;
         let mut reader = reader.with_cancel_wait(Duration::from_millis(100));
-        let poll = mio::Poll::new().unwrap();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        reader.start(waker).unwrap();
+        reader.start(device.waker()).unwrap();
         let t0 = Instant::now();
         drop(reader);
         assert!(t0.elapsed() < Duration::from_secs(2));
@@ -993,7 +810,7 @@ mod tests {
             bus.lock().unwrap().stopped,
             "the pool is told to stop anyway"
         );
-        assert!(!completions.wait_idle(Duration::ZERO));
+        assert!(!completions.tracker.wait_idle(Duration::ZERO));
     }
 
     #[test]

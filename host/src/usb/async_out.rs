@@ -35,11 +35,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::async_in::{wait_step, EventPump, CANCEL_WAIT};
-use super::link::{lock, wake, Fault};
+use super::async_common::{EventPump, Tracker, CANCEL_WAIT};
+use super::link::Fault;
 use crate::link::LinkError;
 
 /// How long [`AsyncWriter::close`] lets transfers in flight complete before cancelling them.
@@ -98,30 +98,21 @@ pub(crate) struct OutCounters {
     pub(crate) zlps: AtomicU64,
 }
 
+/// The OUT slots' own bookkeeping, under the [`Tracker`]'s lock.
 #[derive(Debug)]
-struct State {
+struct Ring {
     /// Slots not in flight, the longest idle first.
     free: VecDeque<usize>,
     /// Per slot: the length and ZLP flag of its current submission.
     submitted: Vec<(usize, bool)>,
-    /// Submitted transfers whose completion has not come yet.
-    in_flight: usize,
-    /// The first failure; nothing is submitted after it.
-    fault: Option<Fault>,
-    /// Close has begun: no submissions, cancellations expected.
-    closing: bool,
 }
 
 /// Where an OUT pool's completions go; shared between the completion callback and the
-/// [`AsyncWriter`].
+/// [`AsyncWriter`]. Its condition variable is signalled on every completion (a slot freed, a
+/// fault, or nothing left in flight): a full ring waits for any of them.
 #[derive(Debug)]
 pub(crate) struct OutCompletions {
-    state: Mutex<State>,
-    /// Signalled on every completion (a slot freed, a fault, or nothing left in flight).
-    changed: Condvar,
-    waker: OnceLock<Arc<mio::Waker>>,
-    /// Set when events are handled inline: waits pump instead of sleeping.
-    pump: OnceLock<Arc<dyn EventPump>>,
+    tracker: Tracker<Ring>,
     pub(crate) counters: OutCounters,
 }
 
@@ -129,32 +120,26 @@ impl OutCompletions {
     /// Completions for a pool of `slots` transfers (all free).
     pub(crate) fn new(slots: usize) -> Arc<OutCompletions> {
         Arc::new(OutCompletions {
-            state: Mutex::new(State {
+            tracker: Tracker::new(Ring {
                 free: (0..slots).collect(),
                 submitted: vec![(0, false); slots],
-                in_flight: 0,
-                fault: None,
-                closing: false,
             }),
-            changed: Condvar::new(),
-            waker: OnceLock::new(),
-            pump: OnceLock::new(),
             counters: OutCounters::default(),
         })
     }
 
     /// Makes waits handle events with `pump` (inline events), before the pool starts.
     pub(crate) fn set_pump(&self, pump: Arc<dyn EventPump>) {
-        let _ = self.pump.set(pump);
+        self.tracker.set_pump(pump);
     }
 
     /// Reports how a submitted transfer ended (on the event thread): one short lock, no
     /// allocation (the free list has room for every slot), a wake only on a fault.
     pub(crate) fn completed(&self, slot: usize, outcome: OutOutcome) {
         let new_fault = {
-            let mut s = lock(&self.state);
+            let mut s = self.tracker.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
-            let (len, zlp) = s.submitted.get(slot).copied().unwrap_or((0, false));
+            let (len, zlp) = s.slots.submitted.get(slot).copied().unwrap_or((0, false));
             let fault = match outcome {
                 OutOutcome::Sent(n) if n == len => {
                     let c = &self.counters;
@@ -173,54 +158,21 @@ impl OutCompletions {
                     error: rusb::Error::Interrupted,
                 }),
             };
-            if slot < s.submitted.len() && !s.free.contains(&slot) {
-                s.free.push_back(slot);
+            if slot < s.slots.submitted.len() && !s.slots.free.contains(&slot) {
+                s.slots.free.push_back(slot);
             }
-            let new_fault = match fault {
-                Some(fault) if s.fault.is_none() => {
-                    log::debug!("USB link failed: {}", LinkError::from(fault));
-                    s.fault = Some(fault);
-                    true
-                }
-                _ => false,
-            };
-            // Inline, nobody sleeps on the condition variable (waits pump), and notifying is a
-            // system call even then.
-            if self.pump.get().is_none() {
-                self.changed.notify_all();
-            }
+            let new_fault = fault.is_some_and(|fault| s.fail(fault));
+            self.tracker.notify();
             new_fault
         };
         if new_fault {
-            if let Some(waker) = self.waker.get() {
-                wake(waker);
-            }
+            self.tracker.wake();
         }
     }
 
     /// The first OUT failure, if any.
     pub(crate) fn fault(&self) -> Option<Fault> {
-        lock(&self.state).fault
-    }
-
-    /// Waits until nothing is in flight, at most `limit`; true if nothing is.
-    fn wait_idle(&self, limit: Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        let mut s = lock(&self.state);
-        while s.in_flight > 0 {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = wait_step(
-                s,
-                &self.state,
-                &self.changed,
-                self.pump.get(),
-                deadline - now,
-            );
-        }
-        true
+        self.tracker.lock().fault
     }
 }
 
@@ -268,7 +220,7 @@ impl AsyncWriter {
 
     /// Starts the pool's event handling; faults from now on wake `waker`.
     pub(crate) fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError> {
-        let _ = self.completions.waker.set(waker);
+        self.completions.tracker.set_waker(waker);
         self.pool.start()?;
         self.started = true;
         Ok(())
@@ -290,11 +242,11 @@ impl AsyncWriter {
     /// `send`) uses it, so asking again returns the same buffer.
     pub(crate) fn reserve(&mut self) -> Option<&mut [u8]> {
         if self.reserved.is_none() {
-            let mut s = lock(&self.completions.state);
+            let mut s = self.completions.tracker.lock();
             if s.fault.is_some() || s.closing || !self.started {
                 return None;
             }
-            self.reserved = Some(s.free.pop_front()?);
+            self.reserved = Some(s.slots.free.pop_front()?);
         }
         let slot = self.reserved?;
         Some(self.pool.buffer(slot))
@@ -310,13 +262,13 @@ impl AsyncWriter {
             });
         };
         {
-            let mut s = lock(&self.completions.state);
+            let mut s = self.completions.tracker.lock();
             if let Some(fault) = s.fault {
-                s.free.push_front(slot);
+                s.slots.free.push_front(slot);
                 return Err(fault);
             }
             s.in_flight += 1;
-            if let Some(entry) = s.submitted.get_mut(slot) {
+            if let Some(entry) = s.slots.submitted.get_mut(slot) {
                 *entry = (len, zlp);
             }
         }
@@ -345,11 +297,11 @@ impl AsyncWriter {
             });
         }
         let slot = {
-            let c = &*self.completions;
-            let mut s = lock(&c.state);
+            let tracker = &self.completions.tracker;
+            let mut s = tracker.lock();
             // A slot reserved for in-place building and not used goes first.
             if let Some(slot) = self.reserved.take() {
-                s.free.push_front(slot);
+                s.slots.free.push_front(slot);
             }
             // Read the clock only when the ring is full: each read is a system call where the
             // vDSO has no usable clock (the VM guest).
@@ -361,9 +313,9 @@ impl AsyncWriter {
                 if s.closing || !self.started {
                     return Err(Fault::Disconnected);
                 }
-                if let Some(slot) = s.free.pop_front() {
+                if let Some(slot) = s.slots.free.pop_front() {
                     s.in_flight += 1;
-                    if let Some(entry) = s.submitted.get_mut(slot) {
+                    if let Some(entry) = s.slots.submitted.get_mut(slot) {
                         *entry = (data.len(), zlp);
                     }
                     break slot;
@@ -375,7 +327,7 @@ impl AsyncWriter {
                     s.fault = Some(fault);
                     return Err(fault);
                 }
-                s = wait_step(s, &c.state, &c.changed, c.pump.get(), deadline - now);
+                s = tracker.wait(s, deadline - now);
             }
         };
         let buf = self.pool.buffer(slot);
@@ -398,24 +350,23 @@ impl AsyncWriter {
         if std::mem::replace(&mut self.closed, true) {
             return;
         }
+        let tracker = &self.completions.tracker;
         {
-            let mut s = lock(&self.completions.state);
+            let mut s = tracker.lock();
             s.closing = true;
             if let Some(slot) = self.reserved.take() {
-                s.free.push_front(slot);
+                s.slots.free.push_front(slot);
             }
         }
-        self.completions.changed.notify_all();
-        if self.started && !self.completions.wait_idle(self.drain_wait) {
-            for slot in 0..self.pool.slots() {
-                self.pool.cancel(slot);
-            }
-            if !self.completions.wait_idle(self.cancel_wait) {
-                log::error!(
-                    "USB: OUT transfers still in flight {} ms after cancelling them",
-                    self.cancel_wait.as_millis()
-                );
-            }
+        tracker.notify();
+        if self.started && !tracker.wait_idle(self.drain_wait) {
+            let pool = &mut self.pool;
+            tracker.cancel_all(
+                pool.slots(),
+                |slot| pool.cancel(slot),
+                self.cancel_wait,
+                "OUT",
+            );
         }
         self.pool.stop();
     }
@@ -435,22 +386,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::usb::async_common::fake::{DeviceThread, Pump};
+    use std::sync::Mutex;
     use std::time::Instant;
     use usbmux_core::usb::needs_zlp;
 
-    #[derive(Default)]
-    struct Bus {
-        /// In flight, oldest first: (slot, bytes, zlp flag).
-        queued: VecDeque<(usize, Vec<u8>, bool)>,
-        /// Every submission in order: (slot, bytes, zlp flag).
-        submissions: Vec<(usize, Vec<u8>, bool)>,
-        cancels: Vec<usize>,
-        submit_errors: VecDeque<rusb::Error>,
-        /// Cancel completes the transfer at once; false: never.
-        cancel_completes: bool,
-        started: bool,
-        stopped: bool,
-    }
+    /// The fake bus: in flight and submitted are (slot, bytes, zlp flag).
+    type Bus = crate::usb::async_common::fake::Bus<(usize, Vec<u8>, bool)>;
 
     struct FakePool {
         bus: Arc<Mutex<Bus>>,
@@ -475,7 +417,7 @@ mod tests {
         }
 
         fn buffer(&mut self, slot: usize) -> &mut [u8] {
-            let in_flight = self.bus.lock().unwrap().queued.iter().any(|q| q.0 == slot);
+            let in_flight = self.bus.lock().unwrap().in_flight(slot);
             match self.buffers.get_mut(slot) {
                 Some(b) if !in_flight => b,
                 _ => &mut [],
@@ -483,29 +425,13 @@ mod tests {
         }
 
         fn submit(&mut self, slot: usize, len: usize, zlp: bool) -> Result<(), rusb::Error> {
-            let mut bus = self.bus.lock().unwrap();
-            assert!(
-                !bus.queued.iter().any(|q| q.0 == slot),
-                "slot {slot} submitted while in flight"
-            );
-            if let Some(e) = bus.submit_errors.pop_front() {
-                return Err(e);
-            }
             let data = self.buffers[slot][..len].to_vec();
-            bus.submissions.push((slot, data.clone(), zlp));
-            bus.queued.push_back((slot, data, zlp));
-            Ok(())
+            self.bus.lock().unwrap().submit((slot, data, zlp))
         }
 
         fn cancel(&mut self, slot: usize) {
-            let mut bus = self.bus.lock().unwrap();
-            bus.cancels.push(slot);
-            if bus.cancel_completes {
-                if let Some(i) = bus.queued.iter().position(|q| q.0 == slot) {
-                    bus.queued.remove(i);
-                    drop(bus);
-                    self.completions.completed(slot, OutOutcome::Cancelled);
-                }
+            if self.bus.lock().unwrap().cancel(slot) {
+                self.completions.completed(slot, OutOutcome::Cancelled);
             }
         }
 
@@ -518,49 +444,26 @@ mod tests {
         bus: Arc<Mutex<Bus>>,
         completions: Arc<OutCompletions>,
         writer: AsyncWriter,
-        poll: mio::Poll,
-        events: mio::Events,
-    }
-
-    /// Inline events: each pump completes the oldest transfer in flight, as libusb's event
-    /// handling on the calling thread would.
-    struct FakePump {
-        bus: Arc<Mutex<Bus>>,
-        completions: Arc<OutCompletions>,
-        pumps: std::sync::atomic::AtomicUsize,
-    }
-
-    impl EventPump for FakePump {
-        fn pump(&self, _timeout: Duration) {
-            self.pumps.fetch_add(1, Ordering::SeqCst);
-            let next = self.bus.lock().unwrap().queued.pop_front();
-            if let Some((slot, data, _)) = next {
-                self.completions
-                    .completed(slot, OutOutcome::Sent(data.len()));
-            }
-        }
-
-        fn fds(&self) -> Vec<(std::os::fd::RawFd, bool)> {
-            Vec::new()
-        }
+        device: DeviceThread,
     }
 
     fn rig(slots: usize, stall: Duration) -> Rig {
         rig_with(slots, stall, false).0
     }
 
-    /// A rig whose events are handled inline (`inline`) by the returned pump.
-    fn rig_with(slots: usize, stall: Duration, inline: bool) -> (Rig, Option<Arc<FakePump>>) {
-        let bus = Arc::new(Mutex::new(Bus {
-            cancel_completes: true,
-            ..Bus::default()
-        }));
+    /// A rig whose events are handled inline (`inline`) by the returned pump, each pump
+    /// completing the oldest transfer in flight as libusb's event handling on the calling
+    /// thread would.
+    fn rig_with(slots: usize, stall: Duration, inline: bool) -> (Rig, Option<Arc<Pump>>) {
+        let bus = Bus::new();
         let completions = OutCompletions::new(slots);
         let pump = inline.then(|| {
-            Arc::new(FakePump {
-                bus: Arc::clone(&bus),
-                completions: Arc::clone(&completions),
-                pumps: Default::default(),
+            let (bus, completions) = (Arc::clone(&bus), Arc::clone(&completions));
+            Pump::new(move || {
+                let next = bus.lock().unwrap().queued.pop_front();
+                if let Some((slot, data, _)) = next {
+                    completions.completed(slot, OutOutcome::Sent(data.len()));
+                }
             })
         });
         if let Some(pump) = &pump {
@@ -575,15 +478,13 @@ mod tests {
         };
         let mut writer = AsyncWriter::new(Box::new(pool), Arc::clone(&completions), stall)
             .with_waits(Duration::from_millis(50), Duration::from_millis(100));
-        let poll = mio::Poll::new().unwrap();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        writer.start(waker).unwrap();
+        let device = DeviceThread::new();
+        writer.start(device.waker()).unwrap();
         let rig = Rig {
             bus,
             completions,
             writer,
-            poll,
-            events: mio::Events::with_capacity(4),
+            device,
         };
         (rig, pump)
     }
@@ -591,27 +492,23 @@ mod tests {
     impl Rig {
         /// The controller completes the oldest transfer with `outcome` (`None`: all its bytes).
         fn complete(&self, outcome: Option<OutOutcome>) -> usize {
-            let (slot, data, _) = self
-                .bus
-                .lock()
-                .unwrap()
-                .queued
-                .pop_front()
-                .expect("nothing in flight");
+            let (slot, data, _) = self.bus.lock().unwrap().take_oldest();
             let outcome = outcome.unwrap_or(OutOutcome::Sent(data.len()));
             self.completions.completed(slot, outcome);
             slot
         }
 
         fn woken(&mut self) -> bool {
-            self.poll
-                .poll(&mut self.events, Some(Duration::from_millis(100)))
-                .unwrap();
-            !self.events.is_empty()
+            self.device.woken(Duration::from_millis(100))
         }
 
         fn in_flight(&self) -> usize {
             self.bus.lock().unwrap().queued.len()
+        }
+
+        /// Whether nothing is in flight, as the completions count it.
+        fn idle(&self) -> bool {
+            self.completions.tracker.wait_idle(Duration::ZERO)
         }
     }
 
@@ -669,7 +566,7 @@ mod tests {
         }
         // The third and fourth sends found the ring full: each pumped once, which completed
         // the oldest transfer (no other thread exists to do it).
-        assert_eq!(pump.pumps.load(Ordering::SeqCst), 2);
+        assert_eq!(pump.pumps(), 2);
         let order: Vec<(usize, Vec<u8>)> = r
             .bus
             .lock()
@@ -692,7 +589,7 @@ mod tests {
         r.writer.close();
         assert_eq!(r.in_flight(), 0);
         assert!(r.bus.lock().unwrap().cancels.is_empty());
-        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert!(r.idle());
         assert_eq!(r.completions.counters.transfers.load(Ordering::Relaxed), 4);
     }
 
@@ -736,7 +633,7 @@ mod tests {
         assert!(r.writer.reserve().is_some());
         r.writer.close();
         assert!(r.writer.reserve().is_none(), "reserved after close");
-        assert_eq!(lock(&r.completions.state).free.len(), 1);
+        assert_eq!(r.completions.tracker.lock().slots.free.len(), 1);
         assert!(r.bus.lock().unwrap().submissions.is_empty());
     }
 
@@ -824,7 +721,7 @@ mod tests {
             .submit_errors
             .push_back(rusb::Error::NoDevice);
         assert_eq!(r.writer.send(b"a", false), Err(Fault::Disconnected));
-        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert!(r.idle());
         assert_eq!(r.writer.send(b"b", false), Err(Fault::Disconnected));
     }
 
@@ -847,7 +744,7 @@ mod tests {
         assert_eq!(bus.cancels, [0, 1, 2]);
         assert!(bus.stopped && bus.started);
         drop(bus);
-        assert!(r.completions.wait_idle(Duration::ZERO));
+        assert!(r.idle());
         assert_eq!(r.writer.send(b"c", false), Err(Fault::Disconnected));
         // Cancellations during close are not faults.
         assert_eq!(r.writer.fault(), None);

@@ -49,6 +49,7 @@
 //! build time; without them it falls back to kernel netlink events, which also work but see
 //! devices before udev has set their permissions.
 
+mod async_common;
 mod async_in;
 mod async_out;
 mod device;
