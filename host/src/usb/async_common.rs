@@ -199,7 +199,7 @@ impl<Q> Tracker<Q> {
 
     /// The end of close: `cancel`s each of the pool's `slots` and waits, at most `limit`, for
     /// every transfer in flight to report back. If some never do, says so: the pool then keeps
-    /// their memory (see [`super::libusb_in`]). `what` names the direction for the log.
+    /// their memory (see [`super::libusb_pool`]). `what` names the direction for the log.
     pub(crate) fn cancel_all(
         &self,
         slots: usize,

@@ -8,7 +8,7 @@
 //!
 //! This module is the strategy's logic and holds no `unsafe`: the transfers themselves sit
 //! behind the small [`InPool`] trait — "submit slot `i`", "the bytes slot `i` received", "cancel
-//! slot `i`" — implemented over libusb by [`super::libusb_in`] and, in the tests below, by a
+//! slot `i`" — implemented over libusb by [`super::libusb_in`] (on `super::libusb_pool`) and, in the tests below, by a
 //! fake bus that completes transfers from the test thread. The pool reports every completion to
 //! [`Completions`], which runs on libusb's event thread and does only the minimum: record the
 //! slot in the completed queue (or the fault), and wake the device thread when the queue goes
@@ -31,7 +31,7 @@
 //! - **Shutdown.** [`AsyncReader::close`] cancels every slot, waits (bounded by
 //!   [`CANCEL_WAIT`]) until every submitted transfer has reported back, then stops the pool.
 //!   Memory safety does not rest on this wait: see the ownership argument in
-//!   [`super::libusb_in`].
+//!   [`super::libusb_pool`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;

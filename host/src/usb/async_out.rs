@@ -31,7 +31,7 @@
 //!   (the writer thread also finishes its queue), then cancels what is left and waits (bounded)
 //!   for every callback before stopping the pool; if callbacks never come it gives up after the
 //!   bound instead of hanging, and the backend keeps its memory alive (see
-//!   [`super::libusb_in`] for that ownership design).
+//!   [`super::libusb_pool`] for that ownership design).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

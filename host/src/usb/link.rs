@@ -20,7 +20,7 @@
 //!   some bytes returns them (rusb reports them as a success), so no data is lost to the timeout.
 //!   Zero-length transfers carry nothing for the byte-stream reassembler and are not handed on.
 //! - **IN, [`InStrategy::Async`] (the default): [`PipeConfig::in_buffers`] libusb asynchronous
-//!   transfers in flight** (`super::async_in`, over the unsafe module `super::libusb_in`), so
+//!   transfers in flight** (`super::async_in`, over `super::libusb_in` and the unsafe `super::libusb_pool`), so
 //!   the endpoint always has a buffer queued, even while the device thread or the scheduler is
 //!   busy. Same hand-over contract as the reader thread: completions in order, a transfer is
 //!   resubmitted only after [`Link::recv`] has drained it (backpressure), a failure becomes the

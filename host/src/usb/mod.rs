@@ -13,10 +13,10 @@
 //!   buffers ([`InStrategy`]), OUT by one writer thread ([`OutStrategy`]), events on an event
 //!   thread. Each mux packet is one OUT transfer plus its ZLP. Reassembly is not done here: the
 //!   device thread feeds every IN transfer to `usbmux_core::usb::Reassembler`, which treats the
-//!   pipe as a byte stream. The asynchronous logic is in `async_in`/`async_out`, over the
-//!   libusb transfer pools `libusb_in`/`libusb_out`; the libusb calls are in `libusb_pool`
-//!   (the transfers both pools share), `libusb_events` and `libusb_mem` — the crate's only
-//!   `unsafe` code;
+//!   pipe as a byte stream. The asynchronous logic is in `async_in`/`async_out` (their shared
+//!   core in `async_common`), over the libusb transfer pools `libusb_in`/`libusb_out`; the
+//!   libusb calls are in `libusb_pool` (the transfers both pools share), `libusb_events` and
+//!   `libusb_mem` — the crate's only `unsafe` code;
 //! - [`Watcher`]: hotplug (or 1 s polling) discovery, reporting [`UsbEvent::Arrived`] with a
 //!   ready link and [`UsbEvent::Left`].
 //!
