@@ -396,6 +396,71 @@ fn cmd_drain(o: &Opts) -> Result<ExitCode, String> {
     }
 }
 
+/// A process's CPU time at one moment, to subtract from a later one.
+///
+/// Why not only `/proc/PID/stat`: its utime + stime count 10 ms ticks, and a 16 MiB transfer
+/// costs a daemon 0.1–0.3 s, so one tick is 3–10 % of the figure being compared. The
+/// scheduler's own run time per thread (`/proc/PID/task/TID/schedstat`, nanoseconds) has no such
+/// step; ticks are the fallback for a kernel without it.
+#[derive(Debug, Clone)]
+enum CpuSample {
+    /// Nanoseconds on a CPU per thread id.
+    Threads(std::collections::HashMap<u32, u64>),
+    /// utime + stime in seconds (tick resolution).
+    Ticks(f64),
+}
+
+impl CpuSample {
+    /// Seconds of CPU the process used between `self` and `later`. A thread that started in
+    /// between counts from zero; one that ended in between is lost (none does in a daemon
+    /// during a transfer).
+    fn seconds_until(&self, later: &CpuSample) -> f64 {
+        match (self, later) {
+            (CpuSample::Threads(a), CpuSample::Threads(b)) => {
+                let ns: u64 = b
+                    .iter()
+                    .map(|(tid, t)| t.saturating_sub(a.get(tid).copied().unwrap_or(0)))
+                    .sum();
+                ns as f64 / 1e9
+            }
+            (CpuSample::Ticks(a), CpuSample::Ticks(b)) => b - a,
+            // Cannot happen (one process, one kernel); a visible nonsense rather than a guess.
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// The CPU time of process `pid` now: per-thread scheduler run time, or ticks without it.
+fn cpu_sample(pid: u32) -> Result<CpuSample, String> {
+    match thread_run_times(pid) {
+        Some(threads) => Ok(CpuSample::Threads(threads)),
+        None => cpu_seconds(pid).map(CpuSample::Ticks),
+    }
+}
+
+/// Nanoseconds on a CPU of each thread of `pid` (the first field of `schedstat`); `None` when
+/// the kernel has no schedstat or the process is gone.
+fn thread_run_times(pid: u32) -> Option<std::collections::HashMap<u32, u64>> {
+    let mut out = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(entry) = entry else { continue };
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A thread may end between the listing and the read: skip it.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+            continue;
+        };
+        let ns = stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        out.insert(tid, ns);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// user + system CPU seconds of a process, from `/proc/PID/stat`.
 fn cpu_seconds(pid: u32) -> Result<f64, String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -539,20 +604,23 @@ fn cmd_bench(o: &Opts) -> Result<(), String> {
 
     // One connection each way, with the daemon's CPU time over each transfer.
     let gib = (1u64 << 30) as f64;
-    let c0 = cpu_seconds(pid)?;
+    let c0 = cpu_sample(pid)?;
     let t0 = Instant::now();
     upload(&target, up)?;
     let secs = t0.elapsed().as_secs_f64();
-    let c1 = cpu_seconds(pid)?;
+    let c1 = cpu_sample(pid)?;
     put("up_mbs", up as f64 / secs / 1e6);
-    put("cpu_up_s_per_gib", (c1 - c0) * gib / up as f64);
+    put("cpu_up_s_per_gib", c0.seconds_until(&c1) * gib / up as f64);
 
     let t0 = Instant::now();
     download(&target, down)?;
     let secs = t0.elapsed().as_secs_f64();
-    let c2 = cpu_seconds(pid)?;
+    let c2 = cpu_sample(pid)?;
     put("down_mbs", down as f64 / secs / 1e6);
-    put("cpu_down_s_per_gib", (c2 - c1) * gib / down as f64);
+    put(
+        "cpu_down_s_per_gib",
+        c1.seconds_until(&c2) * gib / down as f64,
+    );
 
     // `par` connections at once, each way.
     let each_up = par_up / par as u64;
