@@ -416,6 +416,12 @@ struct Inner<R: Role, B, const N: usize> {
     new_header_len: Option<usize>,
     slots: [Slot<B>; N],
     gens: [u16; N],
+    /// Every slot at this index or above is free: the per-call scans (transmit, timers, events,
+    /// lookups) stop here instead of at `N`, so a large pool with few connections costs what
+    /// its connections cost (a daemon's pool has 1024 slots; four full scans per turn of its
+    /// loop were ≈ 5 % of its CPU in the VM). New connections take the lowest free slot, so the
+    /// mark stays near the number of live connections.
+    live: usize,
     next_port: u16,
     cursor: usize,
     event_cursor: usize,
@@ -464,6 +470,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Session<Host
             return Err((ConnectError::PoolFull, bufs));
         };
         inner.slots[index] = Slot::Active(Connection::new_active(sport, port, bufs));
+        inner.occupied(index);
         let id = ConnId::new(index, inner.gens[index]);
         debug!("conn {}: connect {} -> {}", id, sport, port);
         Ok(id)
@@ -574,8 +581,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
 
     /// Live connections (including ended ones not yet released, and pending incoming ones).
     pub fn connection_count(&self) -> usize {
-        self.inner
-            .slots
+        self.inner.slots[..self.inner.live]
             .iter()
             .filter(|s| !matches!(s, Slot::Free))
             .count()
@@ -583,8 +589,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
 
     /// Handles of every live connection (for a driver's bookkeeping).
     pub fn connection_ids(&self) -> impl Iterator<Item = ConnId> + '_ {
-        self.inner
-            .slots
+        self.inner.slots[..self.inner.live]
             .iter()
             .enumerate()
             .filter(|(_, s)| !matches!(s, Slot::Free))
@@ -727,6 +732,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
             return Err(InvalidHandle);
         };
         inner.gens[id.index()] = inner.gens[id.index()].wrapping_add(1);
+        inner.vacated();
         Ok(c.into_buffers())
     }
 
@@ -755,6 +761,12 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
     pub fn poll_event(&mut self) -> Option<Event> {
         self.inner.poll_event()
     }
+
+    /// The slot index at and above which every slot is free (tests of the scans' bound).
+    #[cfg(test)]
+    pub(crate) fn live_mark(&self) -> usize {
+        self.inner.live
+    }
 }
 
 impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
@@ -779,6 +791,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
             new_header_len: None,
             slots: core::array::from_fn(|_| Slot::Free),
             gens: [0; N],
+            live: 0,
             next_port: 1,
             cursor: 0,
             event_cursor: 0,
@@ -825,6 +838,31 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     fn free(&mut self, index: usize) {
         self.slots[index] = Slot::Free;
         self.gens[index] = self.gens[index].wrapping_add(1);
+        self.vacated();
+    }
+
+    /// Slot `index` has just been taken.
+    fn occupied(&mut self, index: usize) {
+        self.live = self.live.max(index + 1);
+        self.check_live();
+    }
+
+    /// A slot has just been freed: lower the mark past the free slots at the top.
+    fn vacated(&mut self) {
+        while self.live > 0 && matches!(self.slots[self.live - 1], Slot::Free) {
+            self.live -= 1;
+        }
+        self.check_live();
+    }
+
+    /// The mark's invariant, checked in debug builds (tests and fuzzing).
+    fn check_live(&self) {
+        debug_assert!(
+            self.slots[self.live..]
+                .iter()
+                .all(|s| matches!(s, Slot::Free)),
+            "a slot at or above the live mark is in use"
+        );
     }
 
     /// Host: the next source port from `next_port`, skipping 0 and ports in use
@@ -834,8 +872,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
             let p = self.next_port;
             self.next_port = self.next_port.wrapping_add(1);
             if p != 0
-                && !self
-                    .slots
+                && !self.slots[..self.live]
                     .iter()
                     .any(|s| matches!(s, Slot::Active(c) if c.local_port() == p))
             {
@@ -846,7 +883,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     }
 
     fn find(&self, local: u16, remote: u16) -> Option<usize> {
-        self.slots.iter().position(|s| match s {
+        self.slots[..self.live].iter().position(|s| match s {
             Slot::Active(c) => c.matches(local, remote),
             Slot::Pending(p) => p.local_port == local && p.remote_port == remote,
             Slot::Free => false,
@@ -878,7 +915,8 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     }
 
     fn close_all(&mut self, kind: ResetKind) {
-        for i in 0..N {
+        // `free` may lower the mark while we go; the slots above it are free anyway.
+        for i in 0..self.live {
             match &mut self.slots[i] {
                 Slot::Active(c) => c.abort(ResetReason::new(kind), false),
                 Slot::Pending(_) => self.free(i),
@@ -1138,6 +1176,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
             deadline: now + self.cfg.accept_timeout,
             announced: false,
         });
+        self.occupied(index);
         self.maybe_conn_events = true;
     }
 
@@ -1153,7 +1192,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
                 }
             }
         }
-        for i in 0..N {
+        for i in 0..self.live {
             match &mut self.slots[i] {
                 Slot::Active(c) => {
                     c.handle_timeout(now, &self.cfg.conn);
@@ -1178,7 +1217,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     fn poll_timeout(&self) -> Option<Instant> {
         let mut t = self.version_deadline;
         let mut take = |d: Instant| t = Some(t.map_or(d, |x: Instant| x.min(d)));
-        for s in &self.slots {
+        for s in &self.slots[..self.live] {
             match s {
                 Slot::Active(c) => {
                     if let Some(d) = c.poll_at() {
@@ -1333,8 +1372,9 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
             .max_transfer
             .saturating_sub(hl + wire::tcp::HEADER_LEN);
         let cfg = self.cfg.conn;
-        for k in 0..N {
-            let i = (self.cursor + k) % N;
+        let live = self.live;
+        for k in 0..live {
+            let i = (self.cursor + k) % live;
             let Slot::Active(c) = &mut self.slots[i] else {
                 continue;
             };
@@ -1355,7 +1395,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
             ) {
                 Ok(Some(n)) => {
                     self.maybe_conn_events = true;
-                    self.cursor = (i + 1) % N;
+                    self.cursor = (i + 1) % live;
                     let total = self.emit_header(buf, Protocol::Tcp, n);
                     return Ok(self.transmit(total));
                 }
@@ -1377,8 +1417,9 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         if !self.maybe_conn_events || N == 0 {
             return None;
         }
-        for k in 0..N {
-            let i = (self.event_cursor + k) % N;
+        let live = self.live;
+        for k in 0..live {
+            let i = (self.event_cursor + k) % live;
             let id = ConnId::new(i, self.gens[i]);
             let ev = match &mut self.slots[i] {
                 Slot::Pending(p) if !p.announced => {

@@ -432,6 +432,42 @@ fn connect_and_refuse() {
 }
 
 #[test]
+fn scans_stop_at_the_highest_slot_in_use_and_holes_are_reused() {
+    let mut p = Pair::connected();
+    assert_eq!((p.host.live_mark(), p.dev.live_mark()), (0, 0));
+    let ids: Vec<ConnId> = (0..3).map(|_| p.connect(7)).collect();
+    assert_eq!(
+        ids.iter().map(|id| id.index()).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_eq!((p.host.live_mark(), p.dev.live_mark()), (3, 3));
+    // Freeing the top slot lowers the mark; a hole below it does not.
+    p.host.reset(ids[2], "").expect("release");
+    assert_eq!(p.host.live_mark(), 2);
+    p.host.reset(ids[0], "").expect("release");
+    assert_eq!(p.host.live_mark(), 2);
+    p.drive();
+    // The device released nothing yet: its connections stay below its own mark.
+    assert_eq!(p.dev.live_mark(), 3);
+    // A new connection takes the hole, and both live connections still carry data both ways.
+    let d = p.connect(7);
+    assert_eq!((d.index(), p.host.live_mark()), (0, 2));
+    for (k, (host, dev)) in [(ids[1], p.dev_id(1)), (d, p.dev_id(3))]
+        .into_iter()
+        .enumerate()
+    {
+        let up = pattern(200_000, 20 + k as u32);
+        assert!(transfer(&mut p, true, host, dev, &up, 4096) == up);
+        let down = pattern(200_000, 30 + k as u32);
+        assert!(transfer(&mut p, false, dev, host, &down, 4096) == down);
+    }
+    p.host.reset(ids[1], "").expect("release");
+    p.host.reset(d, "").expect("release");
+    assert_eq!(p.host.live_mark(), 0);
+    assert_eq!(p.host.connection_count(), 0);
+}
+
+#[test]
 fn connect_times_out_without_synack() {
     let mut p = Pair::connected();
     p.policy = |_| Policy::Ignore;
