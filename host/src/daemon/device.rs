@@ -421,9 +421,11 @@ impl Device {
     /// Runs the engine until nothing moves: link input, client input, timers, transmits,
     /// events, client output. `Err` when the link failed.
     fn pump(&mut self) -> Result<(), String> {
+        // One clock read per wake-up, not per turn: a turn takes microseconds, and where the
+        // clock has no vDSO (the VM guest's HPET) every read is a system call.
+        let now = self.clock.now();
         for _ in 0..1024 {
             let mut moved = false;
-            let now = self.clock.now();
             if std::mem::take(&mut self.link_ready) {
                 self.link.handle_ready();
             }
