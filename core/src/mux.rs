@@ -745,7 +745,36 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
         now: Instant,
         buf: &mut [u8],
     ) -> Result<Option<Transmit>, InsufficientSize> {
-        let r = self.inner.poll_transmit(now, buf);
+        self.poll_transmit_inner(now, buf, None)
+    }
+
+    /// [`Session::poll_transmit`] for an application that keeps a connection's outgoing bytes
+    /// where they come from (a socket) instead of in the send buffer: when a connection may send
+    /// and its send buffer is empty, `source(id, dst)` is asked to write that connection's next
+    /// bytes into `dst` — the payload area of the packet being built in `buf` — and to return
+    /// how many it wrote (0: none now; more than `dst.len()` counts as `dst.len()`). Why: the
+    /// bytes are then copied once (socket → packet) instead of twice (socket → send buffer →
+    /// packet), which was the largest user-space cost of a daemon's host → device path.
+    ///
+    /// Bytes already in a connection's send buffer always go first (`source` is not asked
+    /// until it is empty), so the two ways may be mixed. Window, packet size and the ZLP rule
+    /// apply as for buffered bytes; `dst` is never larger than the window allows.
+    pub fn poll_transmit_with(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        source: &mut dyn FnMut(ConnId, &mut [u8]) -> usize,
+    ) -> Result<Option<Transmit>, InsufficientSize> {
+        self.poll_transmit_inner(now, buf, Some(source))
+    }
+
+    fn poll_transmit_inner(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        source: Option<Source<'_>>,
+    ) -> Result<Option<Transmit>, InsufficientSize> {
+        let r = self.inner.poll_transmit(now, buf, source);
         if let Some(hl) = self.inner.new_header_len.take() {
             self.reasm.set_header_len(hl);
         }
@@ -768,6 +797,9 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
         self.inner.live
     }
 }
+
+/// The payload source of [`Session::poll_transmit_with`]: connection, destination → bytes written.
+type Source<'a> = &'a mut dyn FnMut(ConnId, &mut [u8]) -> usize;
 
 impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     fn new(cfg: SessionConfig) -> Self {
@@ -1268,6 +1300,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         &mut self,
         now: Instant,
         buf: &mut [u8],
+        mut source: Option<Source<'_>>,
     ) -> Result<Option<Transmit>, InsufficientSize> {
         if self.phase == Phase::Dead {
             return Ok(None);
@@ -1386,12 +1419,15 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
                 }
                 continue;
             };
+            let id = ConnId::new(i, self.gens[i]);
+            let mut for_conn = source.as_mut().map(|s| move |dst: &mut [u8]| s(id, dst));
             match c.dispatch(
                 now,
                 out,
                 max_payload,
                 (hl, usize::from(self.cfg.usb_packet_size)),
                 &cfg,
+                for_conn.as_mut().map(|f| f as tcp::Fill<'_>),
             ) {
                 Ok(Some(n)) => {
                     self.maybe_conn_events = true;

@@ -914,6 +914,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
     /// `zlp_unit` is (mux header length, wMaxPacketSize): a data packet that would be an exact
     /// multiple of the packet size (and so need a ZLP, one more transfer) is cut one byte short
     /// when more data follows anyway.
+    ///
+    /// `source`, when given, supplies payload straight into `out` while the send ring is empty
+    /// (see `mux::Session::poll_transmit_with`): it writes up to the slice's length and returns
+    /// how much it wrote.
     pub(crate) fn dispatch(
         &mut self,
         now: Instant,
@@ -921,6 +925,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         max_payload: usize,
         zlp_unit: (usize, usize),
         cfg: &ConnConfig,
+        source: Option<Fill<'_>>,
     ) -> Result<Option<usize>, usize> {
         let hl = tcpw::HEADER_LEN;
         if self.rst_pending {
@@ -1025,6 +1030,20 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         if n > 1 && n < sendable && mps > 0 && (mux_hl + hl + n).is_multiple_of(mps) {
             n -= 1;
         }
+        // Nothing queued: the application may put the payload in place itself (one copy fewer
+        // than through the ring). Its bytes come after everything the ring held, because the
+        // ring is empty. More usually follows, so the packet is sized to need no ZLP.
+        let mut direct = 0;
+        if let Some(source) = source.filter(|_| queued == 0) {
+            let mut room = self.peer_window().min(max_payload).min(out.len() - hl);
+            if room > 1 && mps > 0 && (mux_hl + hl + room).is_multiple_of(mps) {
+                room -= 1;
+            }
+            if room > 0 {
+                direct = source(&mut out[hl..hl + room]).min(room);
+                n = direct;
+            }
+        }
         if queued > 0 && self.peer_window() == 0 && !self.stalled {
             self.stalled = true;
             self.stats.window_stalls += 1;
@@ -1049,8 +1068,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             payload: &[],
         };
         let total = emit(&repr, out);
-        // Payload straight from the send ring (at most two runs, at the wrap point).
-        let mut copied = 0;
+        // Payload straight from the send ring (at most two runs, at the wrap point), unless the
+        // application put it in place already.
+        let mut copied = direct;
         while copied < n {
             let run = self.tx.get_allocated(0, n - copied);
             let len = run.len();
@@ -1091,6 +1111,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         Ok(Some(total + copied))
     }
 }
+
+/// An application's payload source for one connection: writes up to `dst.len()` bytes of its
+/// next data into `dst`, returns how many (`Connection::dispatch`).
+pub(crate) type Fill<'a> = &'a mut dyn FnMut(&mut [u8]) -> usize;
 
 /// Writes the header of `repr` (and its payload, if any) at the start of `out`; returns the
 /// header length plus `repr.payload.len()`. `out` must hold `repr.buffer_len()` bytes.

@@ -468,6 +468,66 @@ fn scans_stop_at_the_highest_slot_in_use_and_holes_are_reused() {
 }
 
 #[test]
+fn a_source_fills_packets_in_place_after_the_send_buffer_within_the_window() {
+    let mut p = Pair::connected();
+    let id = p.connect(7);
+    let other = p.connect(9);
+    let dev = p.dev_id(0);
+    let data = pattern(1 << 20, 41);
+    // The first bytes go through the send buffer; the source must not be asked before they
+    // are out, or the stream would arrive out of order.
+    assert_eq!(p.host.send(id, &data[..1000]), Ok(1000));
+    let (mut next, mut largest_ask, mut zlps) = (1000, 0, 0);
+    let mut got = Vec::new();
+    let (mut buf, mut rx) = (vec![0u8; 65536], vec![0u8; 65536]);
+    for _ in 0..100_000 {
+        if got.len() == data.len() {
+            break;
+        }
+        let now = p.now;
+        while let Some(t) = p
+            .host
+            .poll_transmit_with(now, &mut buf, &mut |cid, dst| {
+                if cid == other {
+                    return 0; // a connection with nothing to say
+                }
+                assert_eq!(cid, id, "asked for a connection that does not exist");
+                largest_ask = largest_ask.max(dst.len());
+                // Short reads, as from a socket.
+                let n = dst.len().min(data.len() - next).min(30_000);
+                dst[..n].copy_from_slice(&data[next..next + n]);
+                next += n;
+                n
+            })
+            .expect("buffer")
+        {
+            assert_eq!(t.zlp, t.len % 512 == 0);
+            zlps += usize::from(t.zlp);
+            p.dev.handle_transfer(now, &buf[..t.len]);
+            if t.zlp {
+                p.dev.handle_transfer(now, &[]);
+            }
+        }
+        while let Ok(n @ 1..) = p.dev.recv(dev, &mut rx) {
+            got.extend_from_slice(&rx[..n]);
+        }
+        // The device's acks and window updates back to the host.
+        p.step();
+    }
+    assert!(got == data, "bytes lost, repeated or reordered");
+    assert!(
+        largest_ask > 0 && largest_ask <= 128 * 1024,
+        "asked {largest_ask}"
+    );
+    assert_eq!(zlps, 0, "a full packet from the source needed a ZLP");
+    assert_eq!(p.host.conn_stats(id).unwrap().bytes_sent, 1 << 20);
+    assert_eq!(
+        p.host.stats().seq_anomalies + p.dev.stats().seq_anomalies,
+        0
+    );
+}
+
+#[test]
 fn connect_times_out_without_synack() {
     let mut p = Pair::connected();
     p.policy = |_| Policy::Ignore;

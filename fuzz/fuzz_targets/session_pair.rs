@@ -66,6 +66,10 @@ fn byte_at(conn: usize, dir: usize, k: u64) -> u8 {
 struct Stream {
     sent: u64,
     read: u64,
+    /// Host → device only: bytes the host application holds outside the session and hands
+    /// over through `poll_transmit_with`'s source (as the daemon reads client sockets straight
+    /// into USB transfers); they join the stream (`sent`) when the source is asked for them.
+    pending: u64,
 }
 
 struct Conn {
@@ -196,8 +200,27 @@ impl World {
     /// whether anything was sent.
     fn pump(&mut self) -> bool {
         let mut moved = false;
+        // The host's pending bytes (see `Stream::pending`), served in place when asked.
+        let conns = &mut self.conns;
+        let mut source = |id: ConnId, dst: &mut [u8]| -> usize {
+            let Some(c) = conns.iter_mut().find(|c| c.host == id) else {
+                return 0;
+            };
+            let tag = c.tag;
+            let s = &mut c.streams[0];
+            let m = (dst.len() as u64).min(s.pending) as usize;
+            for (k, b) in dst[..m].iter_mut().enumerate() {
+                *b = byte_at(tag, 0, s.sent + k as u64);
+            }
+            s.sent += m as u64;
+            s.pending -= m as u64;
+            m
+        };
         for _ in 0..32 {
-            match self.host.poll_transmit(self.now, &mut self.buf) {
+            match self
+                .host
+                .poll_transmit_with(self.now, &mut self.buf, &mut source)
+            {
                 Ok(Some(t)) => {
                     let pkt = &self.buf[..t.len];
                     show("host sends", self.host.version(), pkt);
@@ -317,7 +340,18 @@ fuzz_target!(|data: &[u8]| {
                         tag: next_tag,
                         host: id,
                         dev: None,
-                        streams: [Stream { sent: 0, read: 0 }, Stream { sent: 0, read: 0 }],
+                        streams: [
+                            Stream {
+                                sent: 0,
+                                read: 0,
+                                pending: 0,
+                            },
+                            Stream {
+                                sent: 0,
+                                read: 0,
+                                pending: 0,
+                            },
+                        ],
                     });
                 }
             }
@@ -326,19 +360,26 @@ fuzz_target!(|data: &[u8]| {
                 let ci = i as usize % w.conns.len();
                 let c = &mut w.conns[ci];
                 let d = if host_side { 0 } else { 1 };
-                let data: Vec<u8> = (0..u64::from(n % 4096))
-                    .map(|k| byte_at(c.tag, d, c.streams[d].sent + k))
-                    .collect();
-                let r = if host_side {
-                    w.host.send(c.host, &data)
-                } else if let Some(id) = c.dev {
-                    w.dev.send(id, &data)
+                // Bit 15 of the length: the host hands these bytes over through the source
+                // instead of the send buffer; once some wait there, later ones must too (the
+                // source's bytes come after everything in the send buffer).
+                if host_side && (n & 0x8000 != 0 || c.streams[0].pending > 0) {
+                    c.streams[0].pending += u64::from(n % 4096);
                 } else {
-                    Ok(0)
-                };
-                if let Ok(m) = r {
-                    assert!(m <= data.len());
-                    c.streams[d].sent += m as u64;
+                    let data: Vec<u8> = (0..u64::from(n % 4096))
+                        .map(|k| byte_at(c.tag, d, c.streams[d].sent + k))
+                        .collect();
+                    let r = if host_side {
+                        w.host.send(c.host, &data)
+                    } else if let Some(id) = c.dev {
+                        w.dev.send(id, &data)
+                    } else {
+                        Ok(0)
+                    };
+                    if let Ok(m) = r {
+                        assert!(m <= data.len());
+                        c.streams[d].sent += m as u64;
+                    }
                 }
             }
             Op::HostRead(i, n) | Op::DevRead(i, n) if !w.conns.is_empty() => {

@@ -88,6 +88,14 @@ pub trait Link: Send {
         recv_via_scratch(self, now, scratch, f)
     }
 
+    /// Whether [`Link::out_buffer`] can return buffers (it may still return `None` while all
+    /// of them are in flight). The device thread then reads client sockets straight into
+    /// them (`usbmux_core::Session::poll_transmit_with`) instead of through the connections'
+    /// send buffers. The default: no.
+    fn lends_out_buffers(&self) -> bool {
+        false
+    }
+
     /// A buffer of the link's own to build the next OUT transfer in, in place (a free USB
     /// transfer's buffer), or `None` when it has none free right now — then the caller builds
     /// the transfer elsewhere and uses [`Link::send`]. Asking twice without sending returns the

@@ -3,9 +3,11 @@
 //! bytes between them in one `mio` loop:
 //!
 //! link IN transfers → `handle_transfer` → timers → `poll_transmit` → link OUT;
-//! client socket → `Session::send_buffer` (read straight into the connection's ring, only as far
-//! as the phone's window and the ring allow — backpressure end to end); `Session::peek` → client
-//! socket → `consume` (the window reopens only as the client reads).
+//! client socket → the packet being built (`Session::poll_transmit_with`: read straight into
+//! the payload area of a USB transfer the link lends, only as far as the phone's window allows —
+//! backpressure end to end), or, for links that lend no buffers, → `Session::send_buffer`
+//! (the connection's ring); `Session::peek` → client socket → `consume` (the window reopens only
+//! as the client reads).
 //!
 //! The control thread hands over a client socket with [`DeviceCmd::Connect`] once the client's
 //! Connect request named this phone; from then on every byte of that socket is data.
@@ -179,6 +181,55 @@ struct Conn {
     /// Edge-triggered readiness, cleared on WouldBlock.
     readable: bool,
     writable: bool,
+}
+
+/// The source of `Session::poll_transmit_with`: reads connection `id`'s client socket straight
+/// into `dst` (the payload area of the packet being built in a USB transfer). 0 when the client
+/// has nothing now (its readiness is cleared at `WouldBlock`, so the next read waits for the
+/// poll loop's next readable event) or has ended (`ended` is set, so the loop goes on and
+/// `client_output` finishes the connection once its bytes are out).
+fn read_client(
+    conns: &mut [Option<Conn>],
+    by_id: &HashMap<ConnId, usize>,
+    id: ConnId,
+    dst: &mut [u8],
+    ended: &mut bool,
+) -> usize {
+    let Some(c) = by_id
+        .get(&id)
+        .and_then(|&slot| conns.get_mut(slot))
+        .and_then(Option::as_mut)
+    else {
+        return 0;
+    };
+    if !c.connected || !c.readable || c.client_eof || c.phone_ended || dst.is_empty() {
+        return 0;
+    }
+    let Some(stream) = c.stream.as_mut() else {
+        return 0;
+    };
+    // Bounded: only EINTR repeats.
+    for _ in 0..8 {
+        match stream.read(dst) {
+            Ok(0) => {
+                c.client_eof = true;
+                *ended = true;
+                return 0;
+            }
+            Ok(n) => return n.min(dst.len()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.readable = false;
+                return 0;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                c.client_eof = true;
+                *ended = true;
+                return 0;
+            }
+        }
+    }
+    0
 }
 
 struct Device {
@@ -443,12 +494,26 @@ impl Device {
             }
             self.link.handle_timeout(now);
             self.session.handle_timeout(now);
-            moved |= self.client_input();
+            // A link that lends its OUT buffers gets the clients' bytes read straight into
+            // them (`read_client`, below); otherwise they go through the send buffers.
+            let direct = self.link.lends_out_buffers();
+            if !direct {
+                moved |= self.client_input();
+            }
+            let mut client_ended = false;
+            let (conns, by_id) = (&mut self.conns, &self.by_id);
+            let mut source = |id: ConnId, dst: &mut [u8]| {
+                if direct {
+                    read_client(conns, by_id, id, dst, &mut client_ended)
+                } else {
+                    0
+                }
+            };
             loop {
                 // Built in place in a free USB transfer when the link has one (one copy fewer
                 // per byte), else in `outbuf` and copied by `send`.
                 if let Some(buf) = self.link.out_buffer() {
-                    match self.session.poll_transmit(now, buf) {
+                    match self.session.poll_transmit_with(now, buf, &mut source) {
                         Ok(Some(t)) => {
                             moved = true;
                             if let Err(e) = self.link.send_out_buffer(now, t.len, t.zlp) {
@@ -462,7 +527,10 @@ impl Device {
                         Err(_) => {}
                     }
                 }
-                match self.session.poll_transmit(now, &mut self.outbuf) {
+                match self
+                    .session
+                    .poll_transmit_with(now, &mut self.outbuf, &mut source)
+                {
                     Ok(Some(t)) => {
                         moved = true;
                         if let Err(e) = self.link.send(now, &self.outbuf[..t.len], t.zlp) {
@@ -479,6 +547,7 @@ impl Device {
                     }
                 }
             }
+            moved |= client_ended;
             moved |= self.drain_events();
             moved |= self.client_output();
             if self.session.phase() == usbmux_core::mux::Phase::Dead {

@@ -22,6 +22,10 @@ const READ_LEN: usize = 64 * 1024;
 pub struct SimLink {
     phone: CabledPhone,
     identity: DeviceIdentity,
+    /// The OUT transfer being built in place ([`Link::out_buffer`]), as a USB link lends its
+    /// transfers: the device thread then reads client sockets straight into it, so the
+    /// in-process phone runs the same data path as a USB one.
+    out: Vec<u8>,
 }
 
 impl SimLink {
@@ -39,6 +43,7 @@ impl SimLink {
         SimLink {
             phone: CabledPhone::new(cfg),
             identity,
+            out: vec![0; usbmux_core::usb::MAX_PACKET],
         }
     }
 }
@@ -53,6 +58,28 @@ impl Link for SimLink {
     }
 
     fn send(&mut self, now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {
+        self.phone.host_write(now, transfer);
+        if zlp {
+            self.phone.host_write_zlp(now);
+        }
+        Ok(())
+    }
+
+    fn lends_out_buffers(&self) -> bool {
+        true
+    }
+
+    fn out_buffer(&mut self) -> Option<&mut [u8]> {
+        Some(&mut self.out)
+    }
+
+    fn send_out_buffer(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        let Some(transfer) = self.out.get(..len) else {
+            return Err(LinkError::Protocol(format!(
+                "an OUT transfer of {len} bytes does not fit the {}-byte buffer",
+                self.out.len()
+            )));
+        };
         self.phone.host_write(now, transfer);
         if zlp {
             self.phone.host_write_zlp(now);

@@ -794,6 +794,10 @@ impl Link for UsbLink {
         }
     }
 
+    fn lends_out_buffers(&self) -> bool {
+        self.async_out.is_some()
+    }
+
     fn out_buffer(&mut self) -> Option<&mut [u8]> {
         self.async_out.as_mut()?.reserve()
     }
