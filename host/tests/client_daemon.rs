@@ -311,3 +311,65 @@ fn unreachable_daemon_is_typed() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_traced_phone_records_the_transfers_that_carried_a_connection() {
+    // `usbmuxd --trace FILE` wraps the phone's link; the wrapper must keep the link's own data
+    // path (transfers built in place) and record what actually went over it.
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("usbmuxd");
+    let trace = dir.path().join("trace.bin");
+    let d = daemon::start(DaemonConfig {
+        activated: None,
+        socket: SocketSpec::Unix {
+            path: path.clone(),
+            mode: 0o600,
+        },
+        config_dir: dir.path().join("lockdown"),
+        simulate: vec![PhoneConfig::simulated(1)],
+        sim_sockets: vec![],
+        session: Default::default(),
+        trace: Some(trace.clone()),
+        usb: false,
+        usb_on_demand: false,
+    })
+    .expect("daemon");
+    let client = Client::with_address(SocketAddress::Unix(path));
+    let devices = wait_for_devices(&client, 1);
+    let mut s = client.connect(devices[0].device_id, 7).expect("connect");
+    echo(&mut s, 100_000);
+    drop(s);
+    d.stop();
+
+    let bytes = std::fs::read(&trace).expect("trace file");
+    let records = usbmux_sim::trace::read_records(&bytes).expect("trace decodes");
+    use usbmux_sim::trace::{Direction, Entry};
+    assert!(matches!(
+        records.first().map(|r| &r.entry),
+        Some(Entry::Plug)
+    ));
+    let moved = |dir: Direction| -> Vec<&[u8]> {
+        records
+            .iter()
+            .filter_map(|r| match &r.entry {
+                Entry::Transfer { direction, data } if *direction == dir => Some(&data[..]),
+                _ => None,
+            })
+            .collect()
+    };
+    // The start of what the client wrote sits right after the headers of the first data packet
+    // out, and of the first one back (echo).
+    let data: Vec<u8> = (0..100_000).map(|i| (i * 7 % 251) as u8).collect();
+    let head = &data[..1000];
+    for dir in [Direction::Out, Direction::In] {
+        let transfers = moved(dir);
+        let total: usize = transfers.iter().map(|t| t.len()).sum();
+        assert!(total > 100_000, "{dir}: only {total} bytes traced");
+        assert!(
+            transfers
+                .iter()
+                .any(|t| t.windows(head.len()).any(|w| w == head)),
+            "{dir}: the client's first bytes are in no traced transfer"
+        );
+    }
+}

@@ -134,7 +134,7 @@ use_daemon() {
 # buffers mapped from usbfs): ours-thread reads USB IN with one reader thread (OUT completions
 # then on an event thread), ours-events-thread handles libusb's events on an event thread per
 # phone, ours-sync uses only rusb's synchronous calls (a reader and a writer thread), ours-heap
-# gives the transfers heap buffers.
+# gives the transfers heap buffers, ours-traced records every transfer (--trace).
 DAEMON_N=0
 start_daemon() {
     local extra=
@@ -145,6 +145,7 @@ start_daemon() {
         ours-events-thread) use_daemon ours; extra="--usb-events thread" ;;
         ours-sync) use_daemon ours; extra="--usb-in thread --usb-out thread" ;;
         ours-heap) use_daemon ours; extra="--usb-heap-buffers" ;;
+        ours-traced) use_daemon ours; extra="--trace /tmp/logs/usbmuxd-$DAEMON_N.trace" ;;
     esac
     DAEMON_N=$((DAEMON_N + 1))
     DLOG=/tmp/logs/usbmuxd-$(printf %02d $DAEMON_N)-$1.log

@@ -113,6 +113,66 @@ impl Link for Traced {
         r
     }
 
+    // Everything else is forwarded, so tracing does not change the data path (zero-copy
+    // transfers, events handled on the device thread — without `register`/`handle_ready` a USB
+    // link with inline events would never see a completion).
+
+    fn recv_with(
+        &mut self,
+        now: Instant,
+        scratch: &mut [u8],
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<usize>, LinkError> {
+        let (trace, phone) = (&self.trace, self.phone);
+        let r = self.inner.recv_with(now, scratch, &mut |bytes| {
+            trace.record(phone, Entry::transfer(Direction::In, bytes));
+            f(bytes);
+        });
+        if let Err(e) = &r {
+            trace.record(
+                phone,
+                Entry::Unplug {
+                    reason: e.to_string(),
+                },
+            );
+        }
+        r
+    }
+
+    fn lends_out_buffers(&self) -> bool {
+        self.inner.lends_out_buffers()
+    }
+
+    fn out_buffer(&mut self) -> Option<&mut [u8]> {
+        self.inner.out_buffer()
+    }
+
+    fn send_out_buffer(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        // The packet is in the inner link's buffer, which asking again returns unchanged.
+        if let Some(buf) = self.inner.out_buffer() {
+            let packet = buf.get(..len).unwrap_or(buf);
+            self.trace
+                .record(self.phone, Entry::transfer(Direction::Out, packet));
+        }
+        if zlp {
+            self.trace.record(
+                self.phone,
+                Entry::Zlp {
+                    direction: Direction::Out,
+                },
+            );
+        }
+        self.inner.send_out_buffer(now, len, zlp)
+    }
+
+    fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> std::io::Result<()> {
+        self.inner.register(registry, token)
+    }
+
+    fn handle_ready(&mut self) {
+        self.inner.handle_ready();
+    }
+
     fn poll_timeout(&self) -> Option<Instant> {
         self.inner.poll_timeout()
     }
