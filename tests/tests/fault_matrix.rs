@@ -349,7 +349,10 @@ fn cases() -> Vec<FaultCase> {
         ),
         case(
             "overrun_window_out",
-            at(3, OUT, data, A::OverrunWindow { extra: 100 }),
+            // The first data packet the overrun can apply to: it applies only where the window
+            // left is under one packet, which a phone that keeps up leaves rarely — a CI run
+            // under load once saw fewer than four such packets in the 2 MiB.
+            at(0, OUT, data, A::OverrunWindow { extra: 100 }),
             Reset(ended),
         ),
         case(
