@@ -61,9 +61,14 @@ struct GadgetArgs {
     #[arg(long, value_name = "N", value_parser = parse_u8, requires = "functionfs")]
     subclass: Option<u8>,
     /// One blocking read/write at a time per endpoint instead of several transfers queued
-    /// through Linux AIO (slower: the controller waits for userspace between transfers).
-    #[arg(long, requires = "functionfs")]
+    /// through Linux AIO (slower: the controller waits for userspace between transfers). Runs
+    /// a thread per endpoint.
+    #[arg(long, requires = "functionfs", conflicts_with = "threaded_io")]
     blocking_io: bool,
+    /// A reader and a writer thread beside the phone's (AIO transfers queued, copied between
+    /// threads) instead of one thread polling ep0 and both endpoints (the default).
+    #[arg(long, requires = "functionfs")]
+    threaded_io: bool,
     /// Log every FunctionFS event, stalled request and phone event (connections) on stderr.
     #[arg(long, short, requires = "functionfs")]
     verbose: bool,
@@ -323,8 +328,10 @@ mod gadget {
             &descriptors::usbmux_strings(),
             if args.blocking_io {
                 functionfs::IoMode::Blocking
-            } else {
+            } else if args.threaded_io {
                 functionfs::IoMode::Queued
+            } else {
+                functionfs::IoMode::Loop
             },
         )
         .map_err(|e| e.to_string())?;
@@ -382,7 +389,15 @@ mod gadget {
             }
         }
         let _ = stdout.flush();
-        let stats = runner.run(eps).map_err(|e| e.to_string())?;
+        let stats = match eps {
+            functionfs::Opened::Threads(eps) => runner.run(eps),
+            #[cfg(all(
+                any(target_arch = "x86_64", target_arch = "aarch64"),
+                target_endian = "little"
+            ))]
+            functionfs::Opened::Loop(eps) => runner.run_loop(eps),
+        }
+        .map_err(|e| e.to_string())?;
         if verbose {
             eprintln!("usbmux-sim: {stats:?}");
         }

@@ -81,7 +81,12 @@ plug_new() {
     local k=$1 name=$2
     shift 2
     mkdir -p /dev/ffs-$name
-    $SIM --functionfs /dev/ffs-$name --config $PHONES --phone $k --configfs $name -v "$@" \
+    local io=""
+    case ${SIM_IO:-loop} in
+        threads) io=--threaded-io ;;
+        blocking) io=--blocking-io ;;
+    esac
+    $SIM --functionfs /dev/ffs-$name --config $PHONES --phone $k --configfs $name -v $io "$@" \
         > /tmp/logs/sim-$name.log 2>&1 &
     eval "SIM_PID_$name=$!"
     if ! until_ok 20 grep -q "bound to UDC" /tmp/logs/sim-$name.log; then

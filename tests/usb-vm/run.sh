@@ -21,6 +21,9 @@
 #                   ours-thread = our usbmuxd with --usb-in thread; more in cases.sh's
 #                   start_daemon)
 #   USB_VM_VERBOSE  1: show the whole guest console while it runs
+#   USB_VM_SIM_IO   how the simulated phones drive their endpoints: loop (default: one thread,
+#                   AIO completions on an eventfd), threads (a reader and a writer thread,
+#                   usbmux-sim --threaded-io) or blocking (usbmux-sim --blocking-io)
 #   USB_VM_PROFILE  1: after the measurements, watch each daemon of USB_VM_DAEMONS through one
 #                   transfer each way with `strace -f -c` and one with `perf record` (cpu-clock),
 #                   and print the summaries; needs strace and perf on the host (their binaries
@@ -225,7 +228,7 @@ esac
 APPEND="console=ttyS0 panic=-1 quiet loglevel=3 usbvm.watchdog=$((TIMEOUT > 90 ? TIMEOUT - 60 : TIMEOUT * 2 / 3)) usbvm.reps=$REPS usbvm.bench=$([ "$REPS" -gt 0 ] && echo 1 || echo 0)"
 APPEND="$APPEND usbvm.up_mib=${USB_VM_UP_MIB:-16} usbvm.down_mib=${USB_VM_DOWN_MIB:-8}"
 APPEND="$APPEND usbvm.par_up_mib=${USB_VM_PAR_UP_MIB:-16} usbvm.par_down_mib=${USB_VM_PAR_DOWN_MIB:-8}"
-APPEND="$APPEND usbvm.profile=${USB_VM_PROFILE:-0}"
+APPEND="$APPEND usbvm.profile=${USB_VM_PROFILE:-0} usbvm.sim_io=${USB_VM_SIM_IO:-loop}"
 APPEND="$APPEND usbvm.digest_mib=${USB_VM_DIGEST_MIB:-16} usbvm.daemons=${USB_VM_DAEMONS:-debian,ours,ours-thread}"
 LOG=$WORK/guest.log
 ts "booting: qemu ${ACCEL[*]}, timeout ${TIMEOUT}s; console in $LOG"

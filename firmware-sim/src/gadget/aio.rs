@@ -25,8 +25,10 @@ use nix::libc;
 /// Transfers in flight per endpoint.
 pub const DEPTH: usize = 8;
 
-const IOCB_CMD_PREAD: u16 = 0;
-const IOCB_CMD_PWRITE: u16 = 1;
+pub(super) const IOCB_CMD_PREAD: u16 = 0;
+pub(super) const IOCB_CMD_PWRITE: u16 = 1;
+/// `iocb.aio_flags`: signal the completion on the eventfd in `aio_resfd`.
+const IOCB_FLAG_RESFD: u32 = 1;
 
 /// `struct iocb` of `linux/aio_abi.h` (little-endian field order of `aio_key`/`aio_rw_flags`).
 #[repr(C)]
@@ -49,8 +51,9 @@ struct Iocb {
 /// `struct io_event`.
 #[repr(C)]
 #[derive(Default, Clone, Copy)]
-struct IoEvent {
-    data: u64,
+pub(super) struct IoEvent {
+    /// The request's `data` as submitted.
+    pub(super) data: u64,
     obj: u64,
     res: i64,
     res2: i64,
@@ -58,9 +61,21 @@ struct IoEvent {
 
 /// An AIO context (`io_setup`), destroyed on drop — which waits for requests still in flight,
 /// so buffers owned next to it may only be freed after it.
-struct Context(libc::c_ulong);
+pub(super) struct Context {
+    id: libc::c_ulong,
+    /// An eventfd every completion increments (`IOCB_FLAG_RESFD`), so a poll loop can wait
+    /// for completions next to other files.
+    resfd: Option<i32>,
+}
 
 impl Context {
+    /// A context whose completions also count on `eventfd` (which must outlive it).
+    pub(super) fn with_eventfd(events: usize, eventfd: i32) -> io::Result<Context> {
+        let mut ctx = Context::new(events)?;
+        ctx.resfd = Some(eventfd);
+        Ok(ctx)
+    }
+
     fn new(events: usize) -> io::Result<Context> {
         let mut ctx: libc::c_ulong = 0;
         let n = libc::c_long::try_from(events).unwrap_or(libc::c_long::MAX);
@@ -69,7 +84,10 @@ impl Context {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Context(ctx))
+        Ok(Context {
+            id: ctx,
+            resfd: None,
+        })
     }
 
     /// Queues one request on `fd`.
@@ -77,7 +95,7 @@ impl Context {
     /// # Safety
     /// `buf..buf+len` must stay valid (and, for a read, not be touched) until the request's
     /// completion has been reaped by [`Context::reap`] or the context is dropped.
-    unsafe fn submit(
+    pub(super) unsafe fn submit(
         &self,
         fd: i32,
         opcode: u16,
@@ -93,6 +111,10 @@ impl Context {
             nbytes: len as u64,
             ..Iocb::default()
         };
+        if let Some(resfd) = self.resfd {
+            cb.flags = IOCB_FLAG_RESFD;
+            cb.resfd = u32::try_from(resfd).unwrap_or(u32::MAX);
+        }
         let mut list: [*mut Iocb; 1] = [&mut cb];
         loop {
             // SAFETY: `list` points at one initialised iocb that lives across the call (the
@@ -100,7 +122,7 @@ impl Context {
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_submit,
-                    self.0,
+                    self.id,
                     1 as libc::c_long,
                     list.as_mut_ptr(),
                 )
@@ -120,14 +142,14 @@ impl Context {
     }
 
     /// Waits for at least `min` completions (0: only takes what is there).
-    fn reap(&self, min: usize, out: &mut [IoEvent]) -> io::Result<usize> {
+    pub(super) fn reap(&self, min: usize, out: &mut [IoEvent]) -> io::Result<usize> {
         loop {
             // SAFETY: `out` is a valid, writable array of `out.len()` io_event structures; a
             // null timeout waits without limit.
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_getevents,
-                    self.0,
+                    self.id,
                     min as libc::c_long,
                     out.len() as libc::c_long,
                     out.as_mut_ptr(),
@@ -149,13 +171,13 @@ impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: the id came from io_setup; io_destroy waits for outstanding requests.
         unsafe {
-            libc::syscall(libc::SYS_io_destroy, self.0);
+            libc::syscall(libc::SYS_io_destroy, self.id);
         }
     }
 }
 
 /// The result of a completed request: bytes moved, or the error.
-fn result(ev: &IoEvent) -> io::Result<usize> {
+pub(super) fn result(ev: &IoEvent) -> io::Result<usize> {
     if ev.res < 0 {
         let code = i32::try_from(-ev.res).unwrap_or(libc::EIO);
         Err(io::Error::from_raw_os_error(code))

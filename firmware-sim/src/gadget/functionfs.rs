@@ -77,7 +77,7 @@ pub fn open(
     descriptors: &[u8],
     strings: &[u8],
     io: IoMode,
-) -> Result<Endpoints<File, OutEndpoint, InEndpoint>, FunctionFsError> {
+) -> Result<Opened, FunctionFsError> {
     let path = dir.join("ep0");
     let err = |path: &Path, what: &'static str| {
         let path = path.to_path_buf();
@@ -117,23 +117,55 @@ pub fn open(
             .map_err(err(&in_path, "open"))?,
     );
     let probe = Arc::clone(&inp);
+    let max_packet_size = Box::new(move || endpoint_max_packet_size(&probe));
+    #[cfg(all(
+        any(target_arch = "x86_64", target_arch = "aarch64"),
+        target_endian = "little"
+    ))]
+    if io == IoMode::Loop {
+        let dup = inp.try_clone().map_err(err(&in_path, "duplicate"))?;
+        return Ok(Opened::Loop(super::event_loop::LoopEndpoints {
+            ep0,
+            out: out.into(),
+            inp: dup.into(),
+            max_packet_size,
+        }));
+    }
     let (out, inp) = endpoints(out, inp, io, &out_path, &in_path)?;
-    Ok(Endpoints {
+    Ok(Opened::Threads(Endpoints {
         ep0,
         out,
         inp,
-        max_packet_size: Box::new(move || endpoint_max_packet_size(&probe)),
-    })
+        max_packet_size,
+    }))
+}
+
+/// The endpoints as [`open`] prepared them for the chosen [`IoMode`].
+#[derive(Debug)]
+pub enum Opened {
+    /// For [`Runner::run`](super::Runner::run) (reader and writer threads).
+    Threads(Endpoints<File, OutEndpoint, InEndpoint>),
+    /// For [`Runner::run_loop`](super::Runner::run_loop) (one thread).
+    #[cfg(all(
+        any(target_arch = "x86_64", target_arch = "aarch64"),
+        target_endian = "little"
+    ))]
+    Loop(super::event_loop::LoopEndpoints),
 }
 
 /// How the bulk endpoints are driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoMode {
-    /// Several transfers queued per endpoint through Linux AIO (`super::aio`), where this build
-    /// has it; blocking otherwise.
+    /// One thread for ep0 and both endpoints, transfers queued through Linux AIO with their
+    /// completions on an eventfd (`super::event_loop`), where this build has AIO; otherwise as
+    /// [`IoMode::Queued`].
     #[default]
+    Loop,
+    /// A thread per endpoint, several transfers queued per endpoint through Linux AIO
+    /// (`super::aio`), where this build has it; blocking otherwise.
     Queued,
-    /// One blocking `read`/`write` at a time (one request queued per endpoint: slower, simpler).
+    /// A thread per endpoint, one blocking `read`/`write` at a time (one request queued per
+    /// endpoint: slower, simpler).
     Blocking,
 }
 

@@ -1,0 +1,538 @@
+//! The gadget on one thread: `ep0` events, OUT and IN transfers on one `poll(2)` loop
+//! ([`Runner::run_loop`](super::Runner::run_loop), the default of `usbmux-sim --functionfs`).
+//!
+//! Why: the threaded runner ([`Runner::run`](super::Runner::run)) hands every OUT transfer
+//! from its reader thread to the phone's thread, and every IN packet to a writer thread and back
+//! — three thread wake-ups and two copies per round trip on top of the kernel's. One connection's
+//! throughput is its window divided by the data round trip, and in an emulated guest each
+//! wake-up costs tens of microseconds, so the phone's hand-offs were a large part of that round
+//! trip. Here the OUT transfers are handed to the phone in the buffers the kernel filled
+//! (no copy), IN packets are built in the buffers the kernel sends from, and one eventfd tells
+//! the loop about every completion (`IOCB_FLAG_RESFD`). A gateway on a board runs the same
+//! loop.
+//!
+//! Rules kept from the threaded runner:
+//! - An OUT transfer is handed over whole, in the order the host sent it (FunctionFS completes an
+//!   endpoint's requests in queue order; the loop still takes them oldest first), and only to
+//!   the phone of the plug it was queued for: a transfer read just before a DISABLE never
+//!   reaches the phone of the next ENABLE.
+//! - A refusal as "disabled" (`EAGAIN`/`ESHUTDOWN`) is not an error: OUT reads are queued again
+//!   after a 10 ms pause (FunctionFS may drop a DISABLE/ENABLE pair entirely), an IN packet is
+//!   retried for 3 s while its plug is current, then that plug's packets are dropped.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::mpsc::TryRecvError;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::time::TimeSpec;
+use usbmux_core::usb::{needs_zlp, MAX_PACKET};
+use usbmux_core::Instant;
+
+use super::aio::{result, Context, IoEvent, IOCB_CMD_PREAD, IOCB_CMD_PWRITE};
+use super::ep0::{self, Event, EVENT_SIZE};
+use super::{
+    drain, eventfd, is_down, stall, GadgetError, GadgetEvent, Msg, Plugs, RunStats, Runner,
+    DOWN_PAUSE, EVENTS_PER_READ, IN_RETRY_FOR,
+};
+use crate::cable::DEVICE_READ_LEN;
+
+/// OUT reads kept queued.
+pub const OUT_DEPTH: usize = 8;
+/// IN packets in flight at most (each may be followed by a ZLP).
+pub const IN_DEPTH: usize = 8;
+
+/// The shortest timed wait: a deadline that is due is handled in the turn that finds it, so a
+/// shorter one could only mean a timer that does not advance — and a busy loop.
+const MIN_WAIT: Duration = Duration::from_micros(100);
+
+/// What a request's `data` says it is (low two bits; the slot above them, the plug above bit 16).
+const KIND_OUT: u64 = 0;
+const KIND_IN: u64 = 1;
+const KIND_ZLP: u64 = 2;
+
+/// The endpoint files of one FunctionFS function, for [`Runner::run_loop`].
+pub struct LoopEndpoints {
+    /// `ep0` (set non-blocking by the loop).
+    pub ep0: File,
+    /// The bulk OUT endpoint file.
+    pub out: OwnedFd,
+    /// The bulk IN endpoint file.
+    pub inp: OwnedFd,
+    /// As [`Endpoints::max_packet_size`](super::Endpoints::max_packet_size).
+    pub max_packet_size: Box<dyn FnMut() -> Option<u16> + Send>,
+}
+
+impl std::fmt::Debug for LoopEndpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopEndpoints").finish_non_exhaustive()
+    }
+}
+
+fn tag(kind: u64, slot: usize, plug: u64) -> u64 {
+    kind | ((slot as u64 & 0x3fff) << 2) | (plug << 16)
+}
+
+fn untag(data: u64) -> (u64, usize, u64) {
+    (
+        data & 3,
+        usize::try_from((data >> 2) & 0x3fff).unwrap_or(usize::MAX),
+        data >> 16,
+    )
+}
+
+fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we hold, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+struct OutSlot {
+    buf: Box<[u8]>,
+    done: Option<io::Result<usize>>,
+    plug: u64,
+}
+
+/// An IN packet the endpoint refused as disabled, waiting for another try.
+struct Refused {
+    slot: usize,
+    len: usize,
+    zlp: bool,
+    plug: u64,
+    /// First refusal + IN_RETRY_FOR.
+    give_up: std::time::Instant,
+    retry_at: std::time::Instant,
+}
+
+/// The loop's state (buffers are owned here; `ctx` is declared first so it is dropped — waiting
+/// for the kernel to finish every request — before them).
+struct Loop {
+    ctx: Context,
+    /// Completions are counted here (`IOCB_FLAG_RESFD`).
+    done_fd: OwnedFd,
+    out_fd: OwnedFd,
+    in_fd: OwnedFd,
+    out: Vec<OutSlot>,
+    /// Slots with a read queued, oldest first.
+    out_queued: VecDeque<usize>,
+    /// When the OUT endpoint said "disabled": no reads until this instant.
+    out_paused_until: Option<std::time::Instant>,
+    in_bufs: Vec<Vec<u8>>,
+    in_free: Vec<usize>,
+    zlps_in_flight: usize,
+    refused: Option<Refused>,
+    /// The plug whose IN packets are dropped (refused for longer than IN_RETRY_FOR).
+    dead_plug: u64,
+}
+
+impl Loop {
+    /// Queues reads on every free OUT slot, for `plug`, unless paused at `wall`.
+    fn queue_reads(&mut self, plug: u64, wall: std::time::Instant) -> io::Result<()> {
+        if self.out_paused_until.is_some_and(|t| wall < t) {
+            return Ok(());
+        }
+        self.out_paused_until = None;
+        for i in 0..OUT_DEPTH {
+            if self.out_queued.contains(&i) {
+                continue;
+            }
+            let slot = &mut self.out[i];
+            slot.done = None;
+            slot.plug = plug;
+            let (ptr, len) = (slot.buf.as_mut_ptr(), slot.buf.len());
+            // SAFETY: the slot's buffer is owned by `self`, not touched until this request is
+            // reaped (it stays in `out_queued` until then), and `ctx` is dropped first.
+            unsafe {
+                self.ctx.submit(
+                    self.out_fd.as_raw_fd(),
+                    IOCB_CMD_PREAD,
+                    ptr,
+                    len,
+                    tag(KIND_OUT, i, plug),
+                )?;
+            }
+            self.out_queued.push_back(i);
+        }
+        Ok(())
+    }
+
+    /// Queues an IN packet (slot `slot`, `len` bytes) and its ZLP.
+    fn submit_in(&mut self, slot: usize, len: usize, zlp: bool, plug: u64) -> io::Result<()> {
+        let buf = &mut self.in_bufs[slot];
+        let ptr = buf.as_mut_ptr();
+        // SAFETY: the slot is off the free list until its completion is reaped, so its buffer
+        // is not written while the kernel reads it; `ctx` is dropped before the buffers. A ZLP
+        // names the same buffer with length 0 (nothing is read from it).
+        unsafe {
+            self.ctx.submit(
+                self.in_fd.as_raw_fd(),
+                IOCB_CMD_PWRITE,
+                ptr,
+                len,
+                tag(KIND_IN, slot, plug),
+            )?;
+            if zlp {
+                self.ctx.submit(
+                    self.in_fd.as_raw_fd(),
+                    IOCB_CMD_PWRITE,
+                    ptr,
+                    0,
+                    tag(KIND_ZLP, slot, plug),
+                )?;
+                self.zlps_in_flight += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Runner {
+    /// Serves the endpoints on the calling thread until stopped (`Ok`) or an endpoint fails
+    /// for good (`Err`); see the [module docs](self).
+    pub fn run_loop(mut self, eps: LoopEndpoints) -> Result<RunStats, GadgetError> {
+        let LoopEndpoints {
+            mut ep0,
+            out,
+            inp,
+            mut max_packet_size,
+        } = eps;
+        let setup = |error: io::Error| GadgetError::Endpoint {
+            endpoint: "ep0",
+            error,
+        };
+        let Some(wake) = self.wake.clone() else {
+            return Err(setup(io::Error::other("no eventfd for stopping")));
+        };
+        set_nonblocking(&ep0).map_err(setup)?;
+        set_nonblocking(&out).map_err(setup)?;
+        set_nonblocking(&inp).map_err(setup)?;
+        let done_fd = eventfd().map_err(setup)?;
+        let ctx =
+            Context::with_eventfd(OUT_DEPTH + 2 * IN_DEPTH, done_fd.as_raw_fd()).map_err(setup)?;
+        let mut lp = Loop {
+            ctx,
+            done_fd,
+            out_fd: out,
+            in_fd: inp,
+            out: (0..OUT_DEPTH)
+                .map(|_| OutSlot {
+                    buf: vec![0u8; DEVICE_READ_LEN].into_boxed_slice(),
+                    done: None,
+                    plug: 0,
+                })
+                .collect(),
+            out_queued: VecDeque::new(),
+            out_paused_until: None,
+            in_bufs: (0..IN_DEPTH).map(|_| vec![0u8; MAX_PACKET + 1]).collect(),
+            in_free: (0..IN_DEPTH).rev().collect(),
+            zlps_in_flight: 0,
+            refused: None,
+            dead_plug: u64::MAX,
+        };
+
+        // One clock read per turn (where the clock has no vDSO, as in the VM harness's guest,
+        // every read is a system call); the turn's work takes microseconds.
+        let epoch = std::time::Instant::now();
+        let engine_time = |wall: std::time::Instant| {
+            Instant::from_micros(
+                u64::try_from(wall.saturating_duration_since(epoch).as_micros())
+                    .unwrap_or(u64::MAX),
+            )
+        };
+        let mut plugs = Plugs {
+            phone: None,
+            stats: RunStats::default(),
+            mps: self.cfg.identity.max_packet_size,
+        };
+        let mut ep0_buf = [0u8; EVENT_SIZE * EVENTS_PER_READ];
+        let mut events = [IoEvent::default(); OUT_DEPTH + 2 * IN_DEPTH];
+        let mut ep0_ready = true;
+        loop {
+            // 1. Stop?
+            match self.rx.try_recv() {
+                Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => return Ok(plugs.stats),
+                _ => {}
+            }
+            let wall = std::time::Instant::now();
+            let t = engine_time(wall);
+            let current = if plugs.phone.is_some() {
+                plugs.stats.plugs
+            } else {
+                u64::MAX
+            };
+
+            // 2. Completions.
+            drain(&lp.done_fd);
+            let mut out_down = false;
+            loop {
+                let n = lp
+                    .ctx
+                    .reap(0, &mut events)
+                    .map_err(|error| GadgetError::Endpoint {
+                        endpoint: "OUT",
+                        error,
+                    })?;
+                for ev in &events[..n] {
+                    let (kind, slot, _) = untag(ev.data);
+                    let res = result(ev);
+                    match kind {
+                        KIND_OUT => {
+                            if let Some(s) = lp.out.get_mut(slot) {
+                                s.done = Some(res);
+                            }
+                        }
+                        KIND_IN | KIND_ZLP => {
+                            if kind == KIND_IN {
+                                if slot < IN_DEPTH && !lp.in_free.contains(&slot) {
+                                    lp.in_free.push(slot);
+                                }
+                            } else {
+                                lp.zlps_in_flight = lp.zlps_in_flight.saturating_sub(1);
+                            }
+                            if let Err(error) = res {
+                                if !is_down(&error) {
+                                    return Err(fail(&mut *self.on_event, "IN", error));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if n < events.len() {
+                    break;
+                }
+            }
+            // OUT transfers in the order they were queued.
+            while let Some(&i) = lp.out_queued.front() {
+                let Some(res) = lp.out[i].done.take() else {
+                    break;
+                };
+                lp.out_queued.pop_front();
+                match res {
+                    Ok(len) => {
+                        let data = lp.out[i].buf.get(..len).unwrap_or(&[]);
+                        match plugs.phone.as_mut() {
+                            Some(p) if lp.out[i].plug == current => {
+                                plugs.stats.out_transfers += 1;
+                                p.handle_transfer(t, data);
+                            }
+                            _ => {
+                                plugs.stats.out_dropped += 1;
+                                (self.on_event)(&GadgetEvent::OutDropped { len });
+                            }
+                        }
+                    }
+                    Err(e) if is_down(&e) => out_down = true,
+                    Err(error) => return Err(fail(&mut *self.on_event, "OUT", error)),
+                }
+            }
+            if out_down {
+                (self.on_event)(&GadgetEvent::EndpointDown { endpoint: "OUT" });
+                lp.out_paused_until = Some(wall + DOWN_PAUSE);
+            }
+
+            // 3. ep0: every event it has (a SETUP is answered before the next read).
+            if ep0_ready {
+                loop {
+                    let n = match ep0.read(&mut ep0_buf) {
+                        Ok(0) => {
+                            return Err(fail(
+                                &mut *self.on_event,
+                                "ep0",
+                                io::ErrorKind::UnexpectedEof.into(),
+                            ))
+                        }
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(error) => return Err(fail(&mut *self.on_event, "ep0", error)),
+                    };
+                    for ev in ep0::parse_events(&ep0_buf[..n]) {
+                        match ev {
+                            Ok(Event::Setup(r)) => {
+                                stall(&mut ep0, &r);
+                                (self.on_event)(&GadgetEvent::Ep0(Event::Setup(r)));
+                                plugs.stats.stalls += 1;
+                                (self.on_event)(&GadgetEvent::Stalled(r));
+                            }
+                            Ok(ev) => {
+                                if plugs.apply(
+                                    ev,
+                                    &self.cfg,
+                                    &mut *max_packet_size,
+                                    &mut *self.on_event,
+                                ) && plugs.phone.is_some()
+                                {
+                                    // A fresh plug: read at once; a refused packet is stale.
+                                    lp.out_paused_until = None;
+                                    if let Some(r) = lp.refused.take() {
+                                        lp.in_free.push(r.slot);
+                                    }
+                                }
+                            }
+                            Err(e) => (self.on_event)(&GadgetEvent::Ep0Garbage(e)),
+                        }
+                    }
+                }
+            }
+            let current = if plugs.phone.is_some() {
+                plugs.stats.plugs
+            } else {
+                u64::MAX
+            };
+
+            // 4. Keep reads queued while a phone is plugged.
+            if plugs.phone.is_some() {
+                if let Err(error) = lp.queue_reads(current, wall) {
+                    return Err(fail(&mut *self.on_event, "OUT", error));
+                }
+            }
+
+            // 5. Timers and IN packets.
+            if let Some(r) = lp.refused.take() {
+                if r.plug != current || wall >= r.give_up {
+                    lp.in_free.push(r.slot);
+                    if r.plug == current {
+                        lp.dead_plug = r.plug;
+                    }
+                } else if wall < r.retry_at {
+                    lp.refused = Some(r);
+                } else {
+                    match lp.submit_in(r.slot, r.len, r.zlp, r.plug) {
+                        Ok(()) => {}
+                        Err(e) if is_down(&e) => {
+                            lp.refused = Some(Refused {
+                                retry_at: wall + DOWN_PAUSE,
+                                ..r
+                            })
+                        }
+                        Err(error) => return Err(fail(&mut *self.on_event, "IN", error)),
+                    }
+                }
+            }
+            if let Some(p) = plugs.phone.as_mut() {
+                if p.poll_timeout().is_some_and(|d| d <= t) {
+                    p.handle_timeout(t);
+                }
+                while lp.refused.is_none() {
+                    let Some(slot) = lp.in_free.pop() else {
+                        break;
+                    };
+                    let sent = loop {
+                        match p.poll_transmit(t, &mut lp.in_bufs[slot]) {
+                            Err(e) if e.required > lp.in_bufs[slot].len() => {
+                                lp.in_bufs[slot].resize(e.required, 0);
+                            }
+                            Ok(Some(x)) => break Some(x),
+                            Ok(None) | Err(_) => break None,
+                        }
+                    };
+                    let Some(x) = sent else {
+                        lp.in_free.push(slot);
+                        break;
+                    };
+                    let zlp = x.zlp || needs_zlp(x.len, plugs.mps);
+                    plugs.stats.in_packets += 1;
+                    plugs.stats.in_zlps += u64::from(zlp);
+                    if current == lp.dead_plug {
+                        lp.in_free.push(slot);
+                        continue;
+                    }
+                    match lp.submit_in(slot, x.len, zlp, current) {
+                        Ok(()) => {}
+                        Err(e) if is_down(&e) => {
+                            (self.on_event)(&GadgetEvent::EndpointDown { endpoint: "IN" });
+                            lp.refused = Some(Refused {
+                                slot,
+                                len: x.len,
+                                zlp,
+                                plug: current,
+                                give_up: wall + IN_RETRY_FOR,
+                                retry_at: wall + DOWN_PAUSE,
+                            });
+                        }
+                        Err(error) => return Err(fail(&mut *self.on_event, "IN", error)),
+                    }
+                }
+                for ev in p.take_events() {
+                    (self.on_event)(&GadgetEvent::Phone(ev));
+                }
+            }
+
+            // 6. Wait for ep0, a completion, a stop or the next timer.
+            // A phone timer still due after `handle_timeout` waits for a free IN slot (its ACK is
+            // built by `poll_transmit`): the IN completion wakes us, so do not spin on it; any
+            // other still-due timer is retried after a millisecond, never in a busy loop.
+            let mut deadline: Option<Duration> = plugs
+                .phone
+                .as_ref()
+                .and_then(|p| p.poll_timeout())
+                .and_then(|d| match d.saturating_duration_since(t).total_micros() {
+                    0 if lp.in_free.is_empty() || lp.refused.is_some() => None,
+                    0 => Some(Duration::from_millis(1)),
+                    us => Some(Duration::from_micros(us).max(MIN_WAIT)),
+                });
+            // The OUT pause only matters while a phone is plugged (reads are queued for one).
+            let paused = lp.out_paused_until.filter(|_| plugs.phone.is_some());
+            for at in [paused, lp.refused.as_ref().map(|r| r.retry_at)]
+                .into_iter()
+                .flatten()
+            {
+                // Both were handled this turn if due; the floor only guards against a spin.
+                let d = at.saturating_duration_since(wall).max(MIN_WAIT);
+                deadline = Some(deadline.map_or(d, |x| x.min(d)));
+            }
+            // ppoll: microseconds, not poll's whole milliseconds (the phone's delayed ACK is
+            // 2 ms; rounding it up to the next millisecond would add up to half of that).
+            let timeout = deadline.map(|d| TimeSpec::from_duration(d.min(Duration::from_secs(60))));
+            let mut fds = [
+                PollFd::new(ep0.as_fd(), PollFlags::POLLIN),
+                PollFd::new(lp.done_fd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::ppoll(&mut fds, timeout, None) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(fail(&mut *self.on_event, "ep0", e.into())),
+            }
+            ep0_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+            if fds[2].revents().is_some_and(|r| !r.is_empty()) {
+                drain(&wake);
+            }
+        }
+    }
+}
+
+/// Reports an endpoint failure and makes the run's error of it.
+fn fail(
+    on_event: &mut (dyn FnMut(&GadgetEvent) + Send),
+    endpoint: &'static str,
+    error: io::Error,
+) -> GadgetError {
+    on_event(&GadgetEvent::EndpointFailed {
+        endpoint,
+        error: error.to_string(),
+    });
+    GadgetError::Endpoint { endpoint, error }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip() {
+        for (kind, slot, plug) in [(KIND_OUT, 0, 0), (KIND_IN, 7, 1), (KIND_ZLP, 15, 1 << 40)] {
+            assert_eq!(untag(tag(kind, slot, plug)), (kind, slot, plug));
+        }
+    }
+}
