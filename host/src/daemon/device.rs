@@ -160,8 +160,12 @@ impl Clock {
         Instant::from_micros(self.0.elapsed().as_micros() as u64)
     }
 
-    fn until(&self, t: Instant) -> std::time::Duration {
-        std::time::Duration::from_micros(t.total_micros().saturating_sub(self.now().total_micros()))
+    /// From `now` (read earlier in the same wake-up) to `t`: a wait measured from a reading
+    /// taken microseconds ago ends that much late, which no timer here minds, and saves a
+    /// clock read per wake-up (a system call where the clock has no vDSO, as in the VM
+    /// harness's guest).
+    fn until(now: Instant, t: Instant) -> std::time::Duration {
+        std::time::Duration::from_micros(t.total_micros().saturating_sub(now.total_micros()))
     }
 }
 
@@ -344,7 +348,10 @@ impl Device {
         }
         let mut events = Events::with_capacity(256);
         loop {
-            if let Err(reason) = self.pump() {
+            // One clock read per wake-up, not per turn: a turn takes microseconds, and where the
+            // clock has no vDSO (the VM guest's HPET) every read is a system call.
+            let now = self.clock.now();
+            if let Err(reason) = self.pump(now) {
                 self.session.handle_disconnect();
                 self.drain_events();
                 self.close_all_clients();
@@ -354,7 +361,7 @@ impl Device {
                 .into_iter()
                 .flatten()
                 .min()
-                .map(|t| self.clock.until(t));
+                .map(|t| Clock::until(now, t));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return format!("poll: {e}");
@@ -471,10 +478,7 @@ impl Device {
 
     /// Runs the engine until nothing moves: link input, client input, timers, transmits,
     /// events, client output. `Err` when the link failed.
-    fn pump(&mut self) -> Result<(), String> {
-        // One clock read per wake-up, not per turn: a turn takes microseconds, and where the
-        // clock has no vDSO (the VM guest's HPET) every read is a system call.
-        let now = self.clock.now();
+    fn pump(&mut self, now: Instant) -> Result<(), String> {
         for _ in 0..1024 {
             let mut moved = false;
             if std::mem::take(&mut self.link_ready) {
@@ -829,7 +833,7 @@ impl Device {
                 self.recycle(b);
             }
         }
-        let _ = self.pump();
+        let _ = self.pump(self.clock.now());
         self.close_all_clients();
     }
 }
