@@ -470,28 +470,23 @@ impl Runner {
             }
 
             // 6. Wait for ep0, a completion, a stop or the next timer.
-            // A phone timer still due after `handle_timeout` waits for a free IN slot (its ACK is
-            // built by `poll_transmit`): the IN completion wakes us, so do not spin on it; any
-            // other still-due timer is retried after a millisecond, never in a busy loop.
-            let mut deadline: Option<Duration> = plugs
-                .phone
-                .as_ref()
-                .and_then(|p| p.poll_timeout())
-                .and_then(|d| match d.saturating_duration_since(t).total_micros() {
-                    0 if lp.in_free.is_empty() || lp.refused.is_some() => None,
-                    0 => Some(Duration::from_millis(1)),
-                    us => Some(Duration::from_micros(us).max(MIN_WAIT)),
-                });
-            // The OUT pause only matters while a phone is plugged (reads are queued for one).
-            let paused = lp.out_paused_until.filter(|_| plugs.phone.is_some());
-            for at in [paused, lp.refused.as_ref().map(|r| r.retry_at)]
-                .into_iter()
-                .flatten()
-            {
-                // Both were handled this turn if due; the floor only guards against a spin.
-                let d = at.saturating_duration_since(wall).max(MIN_WAIT);
-                deadline = Some(deadline.map_or(d, |x| x.min(d)));
-            }
+            let deadline = wait_for(Waits {
+                phone: plugs
+                    .phone
+                    .as_ref()
+                    .and_then(|p| p.poll_timeout())
+                    .map(|d| Duration::from_micros(d.saturating_duration_since(t).total_micros())),
+                can_send: !lp.in_free.is_empty() && lp.refused.is_none(),
+                // The OUT pause only matters while a phone is plugged (reads are queued for one).
+                out_pause: lp
+                    .out_paused_until
+                    .filter(|_| plugs.phone.is_some())
+                    .map(|at| at.saturating_duration_since(wall)),
+                in_retry: lp
+                    .refused
+                    .as_ref()
+                    .map(|r| r.retry_at.saturating_duration_since(wall)),
+            });
             // ppoll: microseconds, not poll's whole milliseconds (the phone's delayed ACK is
             // 2 ms; rounding it up to the next millisecond would add up to half of that).
             let timeout = deadline.map(|d| TimeSpec::from_duration(d.min(Duration::from_secs(60))));
@@ -512,6 +507,35 @@ impl Runner {
     }
 }
 
+/// What the loop may wait for, each as the time left from the start of the turn.
+struct Waits {
+    /// The phone's next timer (after `handle_timeout` ran for the due ones).
+    phone: Option<Duration>,
+    /// An IN slot is free and no packet waits for a retry: `poll_transmit` was called.
+    can_send: bool,
+    /// The pause of OUT reads after the endpoint said "disabled", while a phone is plugged.
+    out_pause: Option<Duration>,
+    /// The next try of a refused IN packet.
+    in_retry: Option<Duration>,
+}
+
+/// How long `ppoll` may wait (`None`: until a file is ready). Every deadline that was due was
+/// handled in the turn, so a zero here would be a timer that does not advance — a busy loop:
+/// a phone timer still due waits for a free IN slot (its ACK is built by `poll_transmit`; the IN
+/// completion wakes the loop), one still due with a slot free is looked at again after a
+/// millisecond, and no wait is shorter than [`MIN_WAIT`].
+fn wait_for(w: Waits) -> Option<Duration> {
+    let phone = match w.phone {
+        Some(d) if d.is_zero() => w.can_send.then_some(Duration::from_millis(1)),
+        other => other,
+    };
+    [phone, w.out_pause, w.in_retry]
+        .into_iter()
+        .flatten()
+        .map(|d| d.max(MIN_WAIT))
+        .min()
+}
+
 /// Reports an endpoint failure and makes the run's error of it.
 fn fail(
     on_event: &mut (dyn FnMut(&GadgetEvent) + Send),
@@ -528,6 +552,47 @@ fn fail(
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// The waits that made the loop spin (a zero timeout every turn) stay away: an OUT pause
+    /// that has passed (the loop only counts one while a phone is plugged; before that, a
+    /// pause left by an unplug spun until the next plug), a phone timer waiting for an IN slot,
+    /// a deadline microseconds away.
+    #[test]
+    fn the_loop_never_waits_zero() {
+        let ms = Duration::from_millis;
+        let none = Waits {
+            phone: None,
+            can_send: true,
+            out_pause: None,
+            in_retry: None,
+        };
+        assert_eq!(wait_for(Waits { ..none }), None, "nothing to wait for");
+        let phone = |d, can_send| Waits {
+            phone: Some(d),
+            can_send,
+            ..none
+        };
+        assert_eq!(wait_for(phone(ms(2), true)), Some(ms(2)));
+        assert_eq!(wait_for(phone(Duration::ZERO, false)), None, "waits for IN");
+        assert_eq!(wait_for(phone(Duration::ZERO, true)), Some(ms(1)));
+        assert_eq!(
+            wait_for(phone(Duration::from_micros(3), true)),
+            Some(MIN_WAIT)
+        );
+        let passed = Waits {
+            out_pause: Some(Duration::ZERO),
+            in_retry: Some(Duration::ZERO),
+            ..none
+        };
+        assert_eq!(wait_for(passed), Some(MIN_WAIT));
+        let soonest = Waits {
+            phone: Some(ms(30)),
+            can_send: true,
+            out_pause: Some(ms(7)),
+            in_retry: Some(ms(9)),
+        };
+        assert_eq!(wait_for(soonest), Some(ms(7)));
+    }
 
     #[test]
     fn tags_round_trip() {
