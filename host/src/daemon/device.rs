@@ -13,9 +13,10 @@
 //! Connect request named this phone; from then on every byte of that socket is data.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use log::{debug, info, warn};
@@ -60,6 +61,54 @@ pub enum DeviceCmd {
     Stop,
 }
 
+/// The orders queue of one device thread. Its thread closes it as it ends and answers what is
+/// still queued; from then on [`Inbox::send`] hands each order back, so a Connect is always
+/// answered — by the device thread or by the sender — never dropped with the queue (a channel
+/// whose receiver is dropped between its last drain and the thread's end loses what was sent
+/// in that instant).
+#[derive(Clone, Default)]
+struct Inbox(Arc<Mutex<InboxState>>);
+
+#[derive(Default)]
+struct InboxState {
+    queue: VecDeque<DeviceCmd>,
+    closed: bool,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        // A panic elsewhere while holding the lock leaves a queue that is still consistent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `cmd`, or gives it back if the thread has closed the inbox.
+    fn send(&self, cmd: DeviceCmd) -> Result<(), DeviceCmd> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(cmd);
+        }
+        st.queue.push_back(cmd);
+        Ok(())
+    }
+
+    /// The oldest order, if any.
+    fn try_recv(&self) -> Option<DeviceCmd> {
+        self.lock().queue.pop_front()
+    }
+
+    /// Closes the inbox and returns what was still queued.
+    fn close(&self) -> VecDeque<DeviceCmd> {
+        let mut st = self.lock();
+        st.closed = true;
+        std::mem::take(&mut st.queue)
+    }
+
+    /// True when only this end is left (the control thread dropped its handle).
+    fn orphaned(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+    }
+}
+
 /// What a device thread tells the control thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceNote {
@@ -84,7 +133,7 @@ pub struct DeviceThread {
     pub device_id: u32,
     /// Who the phone is.
     pub identity: DeviceIdentity,
-    tx: Sender<DeviceCmd>,
+    tx: Inbox,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
 }
@@ -100,7 +149,8 @@ impl DeviceThread {
     ) -> io::Result<DeviceThread> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
-        let (tx, rx) = mpsc::channel();
+        let tx = Inbox::default();
+        let rx = tx.clone();
         let identity = link.identity().clone();
         let w = waker.clone();
         let thread = std::thread::Builder::new()
@@ -128,7 +178,7 @@ impl DeviceThread {
     /// Sends an order; gives it back if the thread has already ended, so a Connect's client
     /// can still be answered.
     pub fn try_send(&self, cmd: DeviceCmd) -> Result<(), DeviceCmd> {
-        let r = self.tx.send(cmd).map_err(|e| e.0);
+        let r = self.tx.send(cmd);
         let _ = self.waker.wake();
         r
     }
@@ -241,7 +291,7 @@ struct Device {
     link: Box<dyn Link>,
     poll: Poll,
     waker: Arc<Waker>,
-    rx: Receiver<DeviceCmd>,
+    rx: Inbox,
     session: Box<HostSession>,
     notify: Box<dyn Fn(DeviceNote) + Send>,
     clock: Clock,
@@ -312,7 +362,7 @@ impl Device {
         link: Box<dyn Link>,
         poll: Poll,
         waker: Arc<Waker>,
-        rx: Receiver<DeviceCmd>,
+        rx: Inbox,
         mut cfg: SessionConfig,
         first_port: u16,
         notify: Box<dyn Fn(DeviceNote) + Send>,
@@ -394,14 +444,15 @@ impl Device {
     fn commands(&mut self) -> Result<(), ()> {
         loop {
             match self.rx.try_recv() {
-                Ok(DeviceCmd::Connect {
+                Some(DeviceCmd::Connect {
                     stream,
                     port,
                     ok,
                     refused,
                 }) => self.connect(stream, port, ok, refused),
-                Ok(DeviceCmd::Stop) | Err(TryRecvError::Disconnected) => return Err(()),
-                Err(TryRecvError::Empty) => return Ok(()),
+                Some(DeviceCmd::Stop) => return Err(()),
+                None if self.rx.orphaned() => return Err(()),
+                None => return Ok(()),
             }
         }
     }
@@ -809,11 +860,10 @@ impl Device {
 
     /// Connects that were queued while the device went away: answered (refused) rather than
     /// closed without a word. Called after `Gone` was sent; the control thread may still hand
-    /// over a Connect until it reads that note: once this thread has ended, its send fails and it
-    /// answers the client itself. Only one sent in the instant between this drain and the end
-    /// of the thread goes unanswered (the client sees its socket closed).
+    /// over a Connect until it reads that note: this closes the inbox, so from now on its send
+    /// fails and it answers the client itself.
     fn refuse_queued(&mut self) {
-        while let Ok(cmd) = self.rx.try_recv() {
+        for cmd in self.rx.close() {
             if let DeviceCmd::Connect {
                 mut stream,
                 refused,
@@ -835,5 +885,29 @@ impl Device {
         }
         let _ = self.pump(self.clock.now());
         self.close_all_clients();
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    /// An order is taken by the thread or handed back to the sender, at any moment of the
+    /// thread's end: what was queued comes out of `close`, and every send after it fails with
+    /// the order itself.
+    #[test]
+    fn an_inbox_never_swallows_an_order() {
+        let tx = Inbox::default();
+        let rx = tx.clone();
+        assert!(!rx.orphaned());
+        assert!(tx.send(DeviceCmd::Stop).is_ok());
+        assert!(tx.send(DeviceCmd::Stop).is_ok());
+        assert!(matches!(rx.try_recv(), Some(DeviceCmd::Stop)));
+        let left = rx.close();
+        assert_eq!(left.len(), 1, "the order still queued at the close");
+        assert!(matches!(tx.send(DeviceCmd::Stop), Err(DeviceCmd::Stop)));
+        assert!(rx.try_recv().is_none());
+        drop(tx);
+        assert!(rx.orphaned());
     }
 }
