@@ -16,9 +16,11 @@
 //!   endpoint's requests in queue order; the loop still takes them oldest first), and only to
 //!   the phone of the plug it was queued for: a transfer read just before a DISABLE never
 //!   reaches the phone of the next ENABLE.
-//! - A refusal as "disabled" (`EAGAIN`/`ESHUTDOWN`) is not an error: OUT reads are queued again
-//!   after a 10 ms pause (FunctionFS may drop a DISABLE/ENABLE pair entirely), an IN packet is
-//!   retried for 3 s while its plug is current, then that plug's packets are dropped.
+//! - A refusal as "disabled" (`EAGAIN`/`ESHUTDOWN`, which FunctionFS reports as a request's
+//!   completion) is not an error: OUT reads are queued again after a 10 ms pause (FunctionFS may
+//!   drop a DISABLE/ENABLE pair entirely, so no ENABLE may come); an IN packet refused so is
+//!   dropped — its host went away — and the next ones go out as soon as the endpoint takes them,
+//!   so the phone never stays mute (the threaded runner retries such a packet for 3 s instead).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -38,7 +40,7 @@ use super::aio::{result, Context, IoEvent, IOCB_CMD_PREAD, IOCB_CMD_PWRITE};
 use super::ep0::{self, Event, EVENT_SIZE};
 use super::{
     drain, eventfd, is_down, stall, GadgetError, GadgetEvent, Msg, Plugs, RunStats, Runner,
-    DOWN_PAUSE, EVENTS_PER_READ, IN_RETRY_FOR,
+    DOWN_PAUSE, EVENTS_PER_READ,
 };
 use crate::cable::DEVICE_READ_LEN;
 
@@ -51,7 +53,8 @@ pub const IN_DEPTH: usize = 8;
 /// shorter one could only mean a timer that does not advance — and a busy loop.
 const MIN_WAIT: Duration = Duration::from_micros(100);
 
-/// What a request's `data` says it is (low two bits; the slot above them, the plug above bit 16).
+/// What a request's `data` says it is (low two bits; the slot above them). The plug an OUT read
+/// was queued for is kept in its slot.
 const KIND_OUT: u64 = 0;
 const KIND_IN: u64 = 1;
 const KIND_ZLP: u64 = 2;
@@ -74,16 +77,12 @@ impl std::fmt::Debug for LoopEndpoints {
     }
 }
 
-fn tag(kind: u64, slot: usize, plug: u64) -> u64 {
-    kind | ((slot as u64 & 0x3fff) << 2) | (plug << 16)
+fn tag(kind: u64, slot: usize) -> u64 {
+    kind | ((slot as u64) << 2)
 }
 
-fn untag(data: u64) -> (u64, usize, u64) {
-    (
-        data & 3,
-        usize::try_from((data >> 2) & 0x3fff).unwrap_or(usize::MAX),
-        data >> 16,
-    )
+fn untag(data: u64) -> (u64, usize) {
+    (data & 3, usize::try_from(data >> 2).unwrap_or(usize::MAX))
 }
 
 fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
@@ -103,17 +102,6 @@ struct OutSlot {
     plug: u64,
 }
 
-/// An IN packet the endpoint refused as disabled, waiting for another try.
-struct Refused {
-    slot: usize,
-    len: usize,
-    zlp: bool,
-    plug: u64,
-    /// First refusal + IN_RETRY_FOR.
-    give_up: std::time::Instant,
-    retry_at: std::time::Instant,
-}
-
 /// The loop's state (buffers are owned here; `ctx` is declared first so it is dropped — waiting
 /// for the kernel to finish every request — before them).
 struct Loop {
@@ -129,10 +117,6 @@ struct Loop {
     out_paused_until: Option<std::time::Instant>,
     in_bufs: Vec<Vec<u8>>,
     in_free: Vec<usize>,
-    zlps_in_flight: usize,
-    refused: Option<Refused>,
-    /// The plug whose IN packets are dropped (refused for longer than IN_RETRY_FOR).
-    dead_plug: u64,
 }
 
 impl Loop {
@@ -158,7 +142,7 @@ impl Loop {
                     IOCB_CMD_PREAD,
                     ptr,
                     len,
-                    tag(KIND_OUT, i, plug),
+                    tag(KIND_OUT, i),
                 )?;
             }
             self.out_queued.push_back(i);
@@ -167,7 +151,7 @@ impl Loop {
     }
 
     /// Queues an IN packet (slot `slot`, `len` bytes) and its ZLP.
-    fn submit_in(&mut self, slot: usize, len: usize, zlp: bool, plug: u64) -> io::Result<()> {
+    fn submit_in(&mut self, slot: usize, len: usize, zlp: bool) -> io::Result<()> {
         let buf = &mut self.in_bufs[slot];
         let ptr = buf.as_mut_ptr();
         // SAFETY: the slot is off the free list until its completion is reaped, so its buffer
@@ -179,7 +163,7 @@ impl Loop {
                 IOCB_CMD_PWRITE,
                 ptr,
                 len,
-                tag(KIND_IN, slot, plug),
+                tag(KIND_IN, slot),
             )?;
             if zlp {
                 self.ctx.submit(
@@ -187,9 +171,8 @@ impl Loop {
                     IOCB_CMD_PWRITE,
                     ptr,
                     0,
-                    tag(KIND_ZLP, slot, plug),
+                    tag(KIND_ZLP, slot),
                 )?;
-                self.zlps_in_flight += 1;
             }
         }
         Ok(())
@@ -235,9 +218,6 @@ impl Runner {
             out_paused_until: None,
             in_bufs: (0..IN_DEPTH).map(|_| vec![0u8; MAX_PACKET + 1]).collect(),
             in_free: (0..IN_DEPTH).rev().collect(),
-            zlps_in_flight: 0,
-            refused: None,
-            dead_plug: u64::MAX,
         };
 
         // One clock read per turn (where the clock has no vDSO, as in the VM harness's guest,
@@ -273,7 +253,7 @@ impl Runner {
 
             // 2. Completions.
             drain(&lp.done_fd);
-            let mut out_down = false;
+            let (mut out_down, mut in_down) = (false, false);
             loop {
                 let n = lp
                     .ctx
@@ -283,7 +263,7 @@ impl Runner {
                         error,
                     })?;
                 for ev in &events[..n] {
-                    let (kind, slot, _) = untag(ev.data);
+                    let (kind, slot) = untag(ev.data);
                     let res = result(ev);
                     match kind {
                         KIND_OUT => {
@@ -292,17 +272,15 @@ impl Runner {
                             }
                         }
                         KIND_IN | KIND_ZLP => {
-                            if kind == KIND_IN {
-                                if slot < IN_DEPTH && !lp.in_free.contains(&slot) {
-                                    lp.in_free.push(slot);
-                                }
-                            } else {
-                                lp.zlps_in_flight = lp.zlps_in_flight.saturating_sub(1);
+                            // A ZLP names its packet's buffer with length 0: the slot is free
+                            // once the packet itself is done (completions come in order).
+                            if kind == KIND_IN && slot < IN_DEPTH && !lp.in_free.contains(&slot) {
+                                lp.in_free.push(slot);
                             }
-                            if let Err(error) = res {
-                                if !is_down(&error) {
-                                    return Err(fail(&mut *self.on_event, "IN", error));
-                                }
+                            match res {
+                                Err(e) if is_down(&e) => in_down = true,
+                                Err(error) => return Err(fail(&mut *self.on_event, "IN", error)),
+                                Ok(_) => {}
                             }
                         }
                         _ => {}
@@ -335,6 +313,9 @@ impl Runner {
                     Err(e) if is_down(&e) => out_down = true,
                     Err(error) => return Err(fail(&mut *self.on_event, "OUT", error)),
                 }
+            }
+            if in_down {
+                (self.on_event)(&GadgetEvent::EndpointDown { endpoint: "IN" });
             }
             if out_down {
                 (self.on_event)(&GadgetEvent::EndpointDown { endpoint: "OUT" });
@@ -373,11 +354,8 @@ impl Runner {
                                     &mut *self.on_event,
                                 ) && plugs.phone.is_some()
                                 {
-                                    // A fresh plug: read at once; a refused packet is stale.
+                                    // A fresh plug: read at once.
                                     lp.out_paused_until = None;
-                                    if let Some(r) = lp.refused.take() {
-                                        lp.in_free.push(r.slot);
-                                    }
                                 }
                             }
                             Err(e) => (self.on_event)(&GadgetEvent::Ep0Garbage(e)),
@@ -399,35 +377,11 @@ impl Runner {
             }
 
             // 5. Timers and IN packets.
-            if let Some(r) = lp.refused.take() {
-                if r.plug != current || wall >= r.give_up {
-                    lp.in_free.push(r.slot);
-                    if r.plug == current {
-                        lp.dead_plug = r.plug;
-                    }
-                } else if wall < r.retry_at {
-                    lp.refused = Some(r);
-                } else {
-                    match lp.submit_in(r.slot, r.len, r.zlp, r.plug) {
-                        Ok(()) => {}
-                        Err(e) if is_down(&e) => {
-                            lp.refused = Some(Refused {
-                                retry_at: wall + DOWN_PAUSE,
-                                ..r
-                            })
-                        }
-                        Err(error) => return Err(fail(&mut *self.on_event, "IN", error)),
-                    }
-                }
-            }
             if let Some(p) = plugs.phone.as_mut() {
                 if p.poll_timeout().is_some_and(|d| d <= t) {
                     p.handle_timeout(t);
                 }
-                while lp.refused.is_none() {
-                    let Some(slot) = lp.in_free.pop() else {
-                        break;
-                    };
+                while let Some(slot) = lp.in_free.pop() {
                     let sent = loop {
                         match p.poll_transmit(t, &mut lp.in_bufs[slot]) {
                             Err(e) if e.required > lp.in_bufs[slot].len() => {
@@ -444,24 +398,10 @@ impl Runner {
                     let zlp = x.zlp || needs_zlp(x.len, plugs.mps);
                     plugs.stats.in_packets += 1;
                     plugs.stats.in_zlps += u64::from(zlp);
-                    if current == lp.dead_plug {
-                        lp.in_free.push(slot);
-                        continue;
-                    }
-                    match lp.submit_in(slot, x.len, zlp, current) {
-                        Ok(()) => {}
-                        Err(e) if is_down(&e) => {
-                            (self.on_event)(&GadgetEvent::EndpointDown { endpoint: "IN" });
-                            lp.refused = Some(Refused {
-                                slot,
-                                len: x.len,
-                                zlp,
-                                plug: current,
-                                give_up: wall + IN_RETRY_FOR,
-                                retry_at: wall + DOWN_PAUSE,
-                            });
-                        }
-                        Err(error) => return Err(fail(&mut *self.on_event, "IN", error)),
+                    // The kernel reports a disabled endpoint as the request's completion, so a
+                    // failed submission is a real failure (a bad file, a full context).
+                    if let Err(error) = lp.submit_in(slot, x.len, zlp) {
+                        return Err(fail(&mut *self.on_event, "IN", error));
                     }
                 }
                 for ev in p.take_events() {
@@ -476,16 +416,12 @@ impl Runner {
                     .as_ref()
                     .and_then(|p| p.poll_timeout())
                     .map(|d| Duration::from_micros(d.saturating_duration_since(t).total_micros())),
-                can_send: !lp.in_free.is_empty() && lp.refused.is_none(),
+                can_send: !lp.in_free.is_empty(),
                 // The OUT pause only matters while a phone is plugged (reads are queued for one).
                 out_pause: lp
                     .out_paused_until
                     .filter(|_| plugs.phone.is_some())
                     .map(|at| at.saturating_duration_since(wall)),
-                in_retry: lp
-                    .refused
-                    .as_ref()
-                    .map(|r| r.retry_at.saturating_duration_since(wall)),
             });
             // ppoll: microseconds, not poll's whole milliseconds (the phone's delayed ACK is
             // 2 ms; rounding it up to the next millisecond would add up to half of that).
@@ -511,12 +447,10 @@ impl Runner {
 struct Waits {
     /// The phone's next timer (after `handle_timeout` ran for the due ones).
     phone: Option<Duration>,
-    /// An IN slot is free and no packet waits for a retry: `poll_transmit` was called.
+    /// An IN slot is free: `poll_transmit` was called.
     can_send: bool,
     /// The pause of OUT reads after the endpoint said "disabled", while a phone is plugged.
     out_pause: Option<Duration>,
-    /// The next try of a refused IN packet.
-    in_retry: Option<Duration>,
 }
 
 /// How long `ppoll` may wait (`None`: until a file is ready). Every deadline that was due was
@@ -529,7 +463,7 @@ fn wait_for(w: Waits) -> Option<Duration> {
         Some(d) if d.is_zero() => w.can_send.then_some(Duration::from_millis(1)),
         other => other,
     };
-    [phone, w.out_pause, w.in_retry]
+    [phone, w.out_pause]
         .into_iter()
         .flatten()
         .map(|d| d.max(MIN_WAIT))
@@ -564,7 +498,6 @@ mod test {
             phone: None,
             can_send: true,
             out_pause: None,
-            in_retry: None,
         };
         assert_eq!(wait_for(Waits { ..none }), None, "nothing to wait for");
         let phone = |d, can_send| Waits {
@@ -581,7 +514,6 @@ mod test {
         );
         let passed = Waits {
             out_pause: Some(Duration::ZERO),
-            in_retry: Some(Duration::ZERO),
             ..none
         };
         assert_eq!(wait_for(passed), Some(MIN_WAIT));
@@ -589,15 +521,14 @@ mod test {
             phone: Some(ms(30)),
             can_send: true,
             out_pause: Some(ms(7)),
-            in_retry: Some(ms(9)),
         };
         assert_eq!(wait_for(soonest), Some(ms(7)));
     }
 
     #[test]
     fn tags_round_trip() {
-        for (kind, slot, plug) in [(KIND_OUT, 0, 0), (KIND_IN, 7, 1), (KIND_ZLP, 15, 1 << 40)] {
-            assert_eq!(untag(tag(kind, slot, plug)), (kind, slot, plug));
+        for (kind, slot) in [(KIND_OUT, 0), (KIND_IN, 7), (KIND_ZLP, 15)] {
+            assert_eq!(untag(tag(kind, slot)), (kind, slot));
         }
     }
 }
