@@ -4,8 +4,10 @@
 //!     maximum-size packets (`max_transfer` 49 152), 1 MiB buffers, both directions, next to a
 //!     `memcpy` of the same bytes in the same chunk sizes in the same run: with the copying
 //!     `send`/`recv` (4 copies per byte), with the zero-copy `send_buffer`/`commit` and
-//!     `peek`/`consume` (3: the application still copies its source into the send buffer), and
-//!     with `commit`/`consume` only (the engine's own 2 copies, for reference).
+//!     `peek`/`consume` (3: the application still copies its source into the send buffer), with
+//!     `commit`/`consume` only (the engine's own 2 copies, for reference), and with
+//!     `poll_transmit_with` and `peek`/`consume` (2: the application copies its source straight
+//!     into the packet, as the daemon does with a client socket).
 //! (b) Heap allocations per packet in those steady-state loops, counted by a `#[global_allocator]`
 //!     wrapper around `System` (the target is 0).
 //! (c) The ACK policy over a simulated USB link (see `common::ack`): `AckPolicy::Drain` against
@@ -50,6 +52,7 @@ struct Verdicts {
     copy: f64,
     zero_copy: f64,
     engine_only: f64,
+    source: f64,
     no_allocations: bool,
 }
 
@@ -70,9 +73,9 @@ fn throughput() -> Verdicts {
     );
     let mut all_zero = true;
     let mut total_packets = 0;
-    let mut worst = [f64::MAX; 3];
+    let mut worst = [f64::MAX; 4];
     for dir in [Dir::HostToDevice, Dir::DeviceToHost] {
-        for api in [Api::Copy, Api::ZeroCopy, Api::EngineOnly] {
+        for api in [Api::Copy, Api::ZeroCopy, Api::EngineOnly, Api::Source] {
             let mut best: Option<Measured> = None;
             let mut best_memcpy = f64::MAX;
             let mut allocs = 0;
@@ -103,6 +106,7 @@ fn throughput() -> Verdicts {
                     Api::Copy => "send/recv",
                     Api::ZeroCopy => "send_buffer/peek",
                     Api::EngineOnly => "commit/consume only",
+                    Api::Source => "transmit_with/peek",
                 },
                 core,
                 base,
@@ -122,6 +126,7 @@ fn throughput() -> Verdicts {
         copy: worst[Api::Copy as usize],
         zero_copy: worst[Api::ZeroCopy as usize],
         engine_only: worst[Api::EngineOnly as usize],
+        source: worst[Api::Source as usize],
         no_allocations: all_zero,
     }
 }
@@ -197,6 +202,11 @@ fn main() {
         met(v.zero_copy >= 0.5),
         v.engine_only,
         met(v.engine_only >= 0.5)
+    );
+    println!(
+        "  the same with the application copying straight into the packet (poll_transmit_with): {:.3} -> {}",
+        v.source,
+        met(v.source >= 0.5)
     );
     println!("  0 heap allocations per packet: {}", met(v.no_allocations));
     println!("total bench time {:.1} s", t0.elapsed().as_secs_f64());

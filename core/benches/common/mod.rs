@@ -135,6 +135,34 @@ impl Pair {
         }
     }
 
+    /// [`Pair::h2d`] with the host's payload asked from `source` (`poll_transmit_with`).
+    fn h2d_with(&mut self, source: &mut dyn FnMut(ConnId, &mut [u8]) -> usize) {
+        while let Some(t) = self
+            .host
+            .poll_transmit_with(self.now, &mut self.pkt, source)
+            .expect("64 KiB suffices")
+        {
+            self.dev.handle_transfer(self.now, &self.pkt[..t.len]);
+            if t.zlp {
+                self.dev.handle_transfer(self.now, &[]);
+            }
+        }
+    }
+
+    /// [`Pair::d2h`] with the device's payload asked from `source` (`poll_transmit_with`).
+    fn d2h_with(&mut self, source: &mut dyn FnMut(ConnId, &mut [u8]) -> usize) {
+        while let Some(t) = self
+            .dev
+            .poll_transmit_with(self.now, &mut self.pkt, source)
+            .expect("64 KiB suffices")
+        {
+            self.host.handle_transfer(self.now, &self.pkt[..t.len]);
+            if t.zlp {
+                self.host.handle_transfer(self.now, &[]);
+            }
+        }
+    }
+
     /// Device packets to the host, one transfer each (plus ZLP).
     fn d2h(&mut self) {
         while let Some(t) = self
@@ -185,6 +213,11 @@ pub enum Api {
     /// As `ZeroCopy`, but the application writes nothing (it `commit`s whatever the ring holds):
     /// the engine's own 2 copies per byte (tx ring -> packet -> rx ring), for reference.
     EngineOnly,
+    /// The application copies its source straight into the packet being built
+    /// (`poll_transmit_with`; the send buffer stays empty) and reads in place with
+    /// `peek`/`consume`: 2 copies per byte (app -> packet -> rx ring), as the daemon does with
+    /// a client socket.
+    Source,
 }
 
 /// One timed run of [`engine_run`].
@@ -229,19 +262,19 @@ fn run_loop(
     let (mut sent, mut received) = (0u64, 0u64);
     let mut off = 0usize;
     while received < total {
-        // Sender: fill the send buffer.
-        while sent < total {
+        // Sender: fill the send buffer (with `Source`, the packets ask for the bytes instead).
+        while sent < total && api != Api::Source {
             let want = (APP_CHUNK as u64).min(total - sent) as usize;
             let want = want.min(src.len() - off);
             let n = match (dir, api) {
                 (Dir::HostToDevice, Api::Copy) => p.host.send(hid, &src[off..off + want]),
                 (Dir::DeviceToHost, Api::Copy) => p.dev.send(did, &src[off..off + want]),
-                (Dir::HostToDevice, Api::ZeroCopy | Api::EngineOnly) => {
+                (Dir::HostToDevice, _) => {
                     let write = api == Api::ZeroCopy;
                     zero_copy_send(p.host.send_buffer(hid), &src[off..off + want], write)
                         .and_then(|n| p.host.commit(hid, n))
                 }
-                (Dir::DeviceToHost, Api::ZeroCopy | Api::EngineOnly) => {
+                (Dir::DeviceToHost, _) => {
                     let write = api == Api::ZeroCopy;
                     zero_copy_send(p.dev.send_buffer(did), &src[off..off + want], write)
                         .and_then(|n| p.dev.commit(did, n))
@@ -255,19 +288,29 @@ fn run_loop(
             off = (off + n) % src.len();
         }
         // Data one way, then the receiver reads, then its window updates go back.
-        match dir {
-            Dir::HostToDevice => p.h2d(),
-            Dir::DeviceToHost => p.d2h(),
+        let mut source = |_: ConnId, dst: &mut [u8]| {
+            let n = (dst.len() as u64).min(total - sent) as usize;
+            let n = n.min(src.len() - off);
+            dst[..n].copy_from_slice(&src[off..off + n]);
+            sent += n as u64;
+            off = (off + n) % src.len();
+            n
+        };
+        match (dir, api) {
+            (Dir::HostToDevice, Api::Source) => p.h2d_with(&mut source),
+            (Dir::DeviceToHost, Api::Source) => p.d2h_with(&mut source),
+            (Dir::HostToDevice, _) => p.h2d(),
+            (Dir::DeviceToHost, _) => p.d2h(),
         }
         loop {
             let n = match (dir, api) {
                 (Dir::HostToDevice, Api::Copy) => p.dev.recv(did, dst),
                 (Dir::DeviceToHost, Api::Copy) => p.host.recv(hid, dst),
-                (Dir::HostToDevice, Api::ZeroCopy | Api::EngineOnly) => {
+                (Dir::HostToDevice, _) => {
                     let n = p.dev.peek(did).map(|d| black_box(d).len()).expect("peek");
                     p.dev.consume(did, n)
                 }
-                (Dir::DeviceToHost, Api::ZeroCopy | Api::EngineOnly) => {
+                (Dir::DeviceToHost, _) => {
                     let n = p.host.peek(hid).map(|d| black_box(d).len()).expect("peek");
                     p.host.consume(hid, n)
                 }

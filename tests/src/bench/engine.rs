@@ -30,7 +30,7 @@ pub fn core_rows(quick: bool, rows: &mut Vec<Row>) {
     );
     let (mut allocs, mut packets) = (0u64, 0u64);
     for dir in [Dir::HostToDevice, Dir::DeviceToHost] {
-        for api in [Api::Copy, Api::ZeroCopy, Api::EngineOnly] {
+        for api in [Api::Copy, Api::ZeroCopy, Api::EngineOnly, Api::Source] {
             let (mut best, mut best_memcpy) = (f64::MAX, f64::MAX);
             for _ in 0..runs {
                 best_memcpy = best_memcpy.min(memcpy_run(&src, run_bytes));
@@ -44,6 +44,10 @@ pub fn core_rows(quick: bool, rows: &mut Vec<Row>) {
                 Api::Copy => ("send/recv (4 copies)", 0.25),
                 Api::ZeroCopy => ("send_buffer/peek, app copies in (3 copies)", 0.5),
                 Api::EngineOnly => ("commit/consume only (engine's 2 copies)", 0.5),
+                Api::Source => (
+                    "transmit_with/peek, app copies into the packet (2 copies)",
+                    0.5,
+                ),
             };
             rows.push(
                 Row::new(
