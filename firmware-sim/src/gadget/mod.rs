@@ -220,7 +220,8 @@ impl fmt::Debug for Stopper {
 }
 
 impl Stopper {
-    /// Makes [`Runner::run`] return `Ok` soon; harmless if it has ended already.
+    /// Makes [`Runner::run`] or [`Runner::run_loop`] return `Ok` soon; harmless if it has ended
+    /// already.
     pub fn stop(&self) {
         let _ = self.tx.send(Msg::Stop);
         if let Some(fd) = &self.wake {
@@ -279,7 +280,7 @@ impl Runner {
         self
     }
 
-    /// A handle that ends [`Runner::run`].
+    /// A handle that ends [`Runner::run`] or [`Runner::run_loop`].
     pub fn stopper(&self) -> Stopper {
         Stopper {
             tx: self.tx.clone(),
