@@ -495,35 +495,6 @@ fn in_buffer_size_is_rounded_to_whole_packets() {
     assert!(link.kind().skips_preflight());
 }
 
-/// Not a benchmark proper: how many packets per second the writer path moves with a fake that
-/// costs nothing — the overhead the writer thread adds per OUT transfer. Run with
-/// `cargo test -p usbmux-host --release --test usb_link -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn writer_overhead() {
-    let mut h = Harness::new(PipeConfig {
-        out_queue: 8,
-        ..PipeConfig::default()
-    });
-    for (len, n) in [(64usize, 200_000usize), (49_152, 20_000)] {
-        let before = h.fake.writes().len();
-        let p = packet(len, 1);
-        let started = StdInstant::now();
-        for _ in 0..n {
-            h.link.send(NOW, &p, false).unwrap();
-        }
-        h.fake.wait_writes(before + n);
-        let secs = started.elapsed().as_secs_f64();
-        println!(
-            "{len:>6}-byte packets: {:.0} packets/s, {:.2} µs each, {:.0} MB/s",
-            n as f64 / secs,
-            secs * 1e6 / n as f64,
-            (n * len) as f64 / secs / 1e6
-        );
-        h.fake.state.lock().unwrap().writes.clear();
-    }
-}
-
 #[test]
 fn with_io_reads_in_with_the_thread_whatever_the_config_says() {
     // Asynchronous transfers need a libusb handle; a plain `BulkIo` gets the reader thread,
