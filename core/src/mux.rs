@@ -602,9 +602,34 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
     /// anywhere; device: a bulk OUT transfer, which must be exactly one mux packet — otherwise a
     /// CONTROL error text goes back, as a phone does).
     pub fn handle_transfer(&mut self, now: Instant, transfer: &[u8]) {
+        self.handle_transfer_inner(now, transfer, None);
+    }
+
+    /// [`Session::handle_transfer`] for an application that can take a connection's bytes
+    /// where it sends them on (a socket) instead of reading them out of the receive buffer:
+    /// when data arrives for a connection whose receive buffer is empty, `sink(id, data)` is
+    /// offered the payload first and returns how much it took (more than `data.len()` counts
+    /// as `data.len()`); only the rest is queued in the receive buffer. Why: each byte is then
+    /// copied once (packet → socket) instead of twice (packet → receive buffer → socket), the
+    /// mirror of [`Session::poll_transmit_with`].
+    ///
+    /// Bytes already in the receive buffer always come out first (`sink` is not offered data
+    /// until it is empty), so the two ways may be mixed; window and ACKs move exactly as if the
+    /// application had read the bytes taken at once. The payload is validated (sequence,
+    /// window) before it is offered.
+    pub fn handle_transfer_with(
+        &mut self,
+        now: Instant,
+        transfer: &[u8],
+        sink: &mut dyn FnMut(ConnId, &[u8]) -> usize,
+    ) {
+        self.handle_transfer_inner(now, transfer, Some(sink));
+    }
+
+    fn handle_transfer_inner(&mut self, now: Instant, transfer: &[u8], mut sink: Option<Sink<'_>>) {
         let Session { reasm, inner } = self;
         reasm.push(transfer, |res| match res {
-            Ok(packet) => inner.handle_packet(now, packet),
+            Ok(packet) => inner.handle_packet(now, packet, sink.as_mut()),
             Err(e) => inner.on_reassembly_error(e),
         });
         if let Some(hl) = inner.new_header_len.take() {
@@ -615,7 +640,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
     /// Feeds one whole mux packet (header included), for transports that already delimit
     /// packets.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
-        self.inner.handle_packet(now, packet);
+        self.inner.handle_packet(now, packet, None);
         if let Some(hl) = self.inner.new_header_len.take() {
             self.reasm.set_header_len(hl);
         }
@@ -801,6 +826,9 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
 /// The payload source of [`Session::poll_transmit_with`]: connection, destination → bytes written.
 type Source<'a> = &'a mut dyn FnMut(ConnId, &mut [u8]) -> usize;
 
+/// The payload sink of [`Session::handle_transfer_with`]: connection, data → bytes taken.
+type Sink<'a> = &'a mut dyn FnMut(ConnId, &[u8]) -> usize;
+
 impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
     fn new(cfg: SessionConfig) -> Self {
         // ConnId stores the slot index in a u16.
@@ -976,7 +1004,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         }
     }
 
-    fn handle_packet(&mut self, now: Instant, bytes: &[u8]) {
+    fn handle_packet(&mut self, now: Instant, bytes: &[u8], sink: Option<&mut Sink<'_>>) {
         if self.phase == Phase::Dead {
             return;
         }
@@ -1038,7 +1066,7 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
                     self.abort_by_ports(seg.dst_port, seg.src_port, ResetKind::Malformed);
                     return;
                 }
-                self.on_tcp(now, &seg);
+                self.on_tcp(now, &seg, sink);
             }
             _ => {
                 self.stats.dropped_unexpected += 1;
@@ -1132,14 +1160,17 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         self.push_event(Event::DeviceMessage(ControlMessage::new(c.kind, c.text)));
     }
 
-    fn on_tcp(&mut self, now: Instant, seg: &TcpRepr<'_>) {
+    fn on_tcp(&mut self, now: Instant, seg: &TcpRepr<'_>, sink: Option<&mut Sink<'_>>) {
         let local = seg.dst_port;
         let remote = seg.src_port;
         let flags = seg.flags;
         match self.find(local, remote) {
             Some(i) => match &mut self.slots[i] {
                 Slot::Active(c) => {
-                    if c.process(now, seg, &self.cfg.conn) == Outcome::Closed {
+                    let id = ConnId::new(i, self.gens[i]);
+                    let mut deliver = sink.map(|s| move |data: &[u8]| s(id, data));
+                    let deliver = deliver.as_mut().map(|d| d as tcp::Take<'_>);
+                    if c.process(now, seg, &self.cfg.conn, deliver) == Outcome::Closed {
                         match c.reason().map(|r| r.kind) {
                             Some(ResetKind::UnexpectedSeq) => self.stats.resets_bad_seq += 1,
                             Some(ResetKind::AckBeyondSent) => self.stats.resets_bad_ack += 1,

@@ -616,8 +616,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         }
     }
 
-    /// Consumes one segment addressed to this connection.
-    pub(crate) fn process(&mut self, now: Instant, seg: &TcpRepr<'_>, cfg: &ConnConfig) -> Outcome {
+    /// Consumes one segment addressed to this connection. `deliver`, if given, is offered the
+    /// payload first while the receive buffer is empty and returns how much it took (see
+    /// `Session::handle_transfer_with`); the rest is queued.
+    pub(crate) fn process(
+        &mut self,
+        now: Instant,
+        seg: &TcpRepr<'_>,
+        cfg: &ConnConfig,
+        deliver: Option<Take<'_>>,
+    ) -> Outcome {
         self.stats.packets_received += 1;
         let flags = seg.flags;
         match self.state {
@@ -667,7 +675,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 self.events |= ev::CONNECTED | ev::WRITABLE;
                 Outcome::Ok
             }
-            State::Established => self.process_established(now, seg, cfg),
+            State::Established => self.process_established(now, seg, cfg, deliver),
         }
     }
 
@@ -676,6 +684,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         now: Instant,
         seg: &TcpRepr<'_>,
         cfg: &ConnConfig,
+        deliver: Option<Take<'_>>,
     ) -> Outcome {
         let flags = seg.flags;
         if flags.contains(Flags::RST) {
@@ -760,8 +769,14 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 );
                 return Outcome::Closed;
             }
-            let n = self.rx.enqueue_slice(seg.payload);
-            if n < len {
+            // Straight to the application while nothing is queued before these bytes.
+            let taken = match deliver {
+                Some(d) if self.rx.is_empty() => d(seg.payload).min(len),
+                _ => 0,
+            };
+            let rest = &seg.payload[taken..];
+            let n = self.rx.enqueue_slice(rest);
+            if n < rest.len() {
                 // Unreachable while the edge invariant holds (edge - rcv_nxt <= free space);
                 // kept so a broken invariant resets instead of losing bytes.
                 self.close(ResetReason::new(ResetKind::WindowOverflow), true);
@@ -769,7 +784,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             }
             self.rcv_nxt = end;
             self.stats.bytes_received += len as u64;
-            self.events |= ev::READABLE;
+            if !rest.is_empty() {
+                self.events |= ev::READABLE;
+            }
             self.window_dirty = true;
             if cfg.ack_policy == AckPolicy::Usbmuxd {
                 self.ack_now = true;
@@ -1115,6 +1132,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
 /// An application's payload source for one connection: writes up to `dst.len()` bytes of its
 /// next data into `dst`, returns how many (`Connection::dispatch`).
 pub(crate) type Fill<'a> = &'a mut dyn FnMut(&mut [u8]) -> usize;
+
+/// An application's payload sink for one connection: offered received bytes while the receive
+/// buffer is empty, returns how many it took (`Connection::process`).
+pub(crate) type Take<'a> = &'a mut dyn FnMut(&[u8]) -> usize;
 
 /// Writes the header of `repr` (and its payload, if any) at the start of `out`; returns the
 /// header length plus `repr.payload.len()`. `out` must hold `repr.buffer_len()` bytes.

@@ -528,6 +528,63 @@ fn a_source_fills_packets_in_place_after_the_send_buffer_within_the_window() {
 }
 
 #[test]
+fn a_sink_takes_bytes_before_the_receive_buffer_and_only_while_it_is_empty() {
+    let mut p = Pair::connected();
+    let id = p.connect(7);
+    let dev = p.dev_id(0);
+    let data = pattern(1 << 20, 43);
+    let (mut sent, mut got, mut offered_with_queue) = (0usize, Vec::new(), 0usize);
+    let (mut buf, mut rx) = (vec![0u8; 65536], vec![0u8; 65536]);
+    let mut round = 0usize;
+    for _ in 0..100_000 {
+        if got.len() == data.len() {
+            break;
+        }
+        round += 1;
+        if sent < data.len() {
+            sent += p.dev.send(dev, &data[sent..]).expect("send");
+        }
+        let now = p.now;
+        while let Some(t) = p.dev.poll_transmit(now, &mut buf).expect("buffer") {
+            // What the host's receive buffer holds before this transfer: the sink may only be
+            // offered data while it is empty, or the stream would be reordered.
+            let queued = p.host.peek(id).map_or(0, <[u8]>::len);
+            p.host
+                .handle_transfer_with(now, &buf[..t.len], &mut |cid, bytes| {
+                    assert_eq!(cid, id, "offered data of a connection that does not exist");
+                    offered_with_queue += queued;
+                    // Take all, some or none, as a socket would.
+                    let n = match round % 3 {
+                        0 => bytes.len(),
+                        1 => bytes.len().min(10_000),
+                        _ => 0,
+                    };
+                    got.extend_from_slice(&bytes[..n]);
+                    n
+                });
+            if t.zlp {
+                p.host.handle_transfer(now, &[]);
+            }
+        }
+        // Every third round the application also reads what was queued (after the sink took
+        // its part, which came first on the wire).
+        if round % 3 == 2 {
+            while let Ok(n @ 1..) = p.host.recv(id, &mut rx) {
+                got.extend_from_slice(&rx[..n]);
+            }
+        }
+        // Window updates back to the device: bytes the sink took count as read.
+        p.step();
+    }
+    assert_eq!(
+        offered_with_queue, 0,
+        "offered data while older bytes were queued"
+    );
+    assert!(got == data, "bytes lost, repeated or reordered");
+    assert_eq!(p.host.conn_stats(id).unwrap().bytes_received, 1 << 20);
+}
+
+#[test]
 fn connect_times_out_without_synack() {
     let mut p = Pair::connected();
     p.policy = |_| Policy::Ignore;

@@ -7,7 +7,9 @@
 //! - no panic;
 //! - every stream is a prefix-exact copy of what was sent (each byte read at stream offset k
 //!   equals the sender's byte k), also for data read after the connection ended — a fault may
-//!   only ever end a connection, never alter its bytes;
+//!   only ever end a connection, never alter its bytes; the host application takes some bytes
+//!   straight from transfers (`handle_transfer_with`) and reads the rest, and both count as
+//!   reads of the same stream;
 //! - after the drain, a connection that is still established on both sides has delivered every
 //!   byte sent on it, both ways (so a fault ends a connection or is recovered from, never
 //!   leaves it silently stuck);
@@ -173,6 +175,8 @@ struct World {
     host_edges: Edges,
     dev_edges: Edges,
     buf: Vec<u8>,
+    /// How many more bytes the host application takes straight from transfers.
+    sink_budget: usize,
 }
 
 impl World {
@@ -193,7 +197,30 @@ impl World {
     fn to_host(&mut self, p: &[u8]) {
         show("  => host", self.host.version(), p);
         self.host_edges.note_transfer(p);
-        self.host.handle_transfer(self.now, p);
+        // The host application takes up to `sink_budget` bytes straight from the transfer
+        // (`handle_transfer_with`, as the daemon writes to client sockets), checked like a read.
+        let (conns, budget) = (&mut self.conns, &mut self.sink_budget);
+        self.host
+            .handle_transfer_with(self.now, p, &mut |id, data| {
+                let Some(c) = conns.iter_mut().find(|c| c.host == id) else {
+                    return 0;
+                };
+                let m = data.len().min(*budget);
+                let s = &mut c.streams[1];
+                for (k, &b) in data[..m].iter().enumerate() {
+                    let off = s.read + k as u64;
+                    assert!(off < s.sent, "more bytes arrived than were sent");
+                    assert_eq!(
+                        b,
+                        byte_at(c.tag, 1, off),
+                        "byte {off} of stream {}/1 altered",
+                        c.tag
+                    );
+                }
+                s.read += m as u64;
+                *budget -= m;
+                m
+            });
     }
 
     /// Moves what both sides want to send onto the cable and handles their events. Returns
@@ -322,6 +349,7 @@ fuzz_target!(|data: &[u8]| {
         host_edges: Edges::default(),
         dev_edges: Edges::default(),
         buf: vec![0u8; 65536],
+        sink_budget: 0,
     };
     let mut next_tag = 0usize;
     let mut scratch = vec![0u8; 65536];
@@ -417,6 +445,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Op::ToHost(f) => {
+                // How much the host application takes straight from these transfers: none,
+                // some, most or all, by the step's position in the input.
+                w.sink_budget = [0, 4096, 60_000, usize::MAX][steps % 4];
                 for p in deliver(&mut w.to_host, f) {
                     w.to_host(&p);
                 }
@@ -442,6 +473,7 @@ fuzz_target!(|data: &[u8]| {
             moved = true;
         }
         while let Some(p) = w.to_host.pop_front() {
+            w.sink_budget = usize::MAX;
             w.to_host(&p);
             moved = true;
         }

@@ -9,8 +9,10 @@
 //!
 //! - on A, the *victim*: 2 MiB through the echo service (port 7; port-filtered faults aim
 //!   here — the digest service for faults on the phone's pure window updates, the source
-//!   service read after a stall for the window overrun), and the *bystander*: 2 MiB through
-//!   the other of echo and digest;
+//!   service read after a stall for the window overrun and for faults on the daemon's window
+//!   updates: the daemon hands the phone's bytes straight to a client that keeps up, so its
+//!   acks ride on its own data and pure updates come when a client has fallen behind), and
+//!   the *bystander*: 2 MiB through the other of echo and digest;
 //! - on B: 2 MiB through echo and 2 MiB through digest, checked byte for byte and by SHA-256.
 //!
 //! Then every case checks: the outcome below for A's connections (with the reason in the
@@ -205,9 +207,11 @@ fn cases() -> Vec<FaultCase> {
         ),
         case(
             "drop_window_update_out",
-            at(2, OUT, on7(K::PureAck), A::Drop),
+            at(2, OUT, Filter::on_port(K::PureAck, SOURCE), A::Drop),
             Intact,
-        ),
+        )
+        .victim(SOURCE)
+        .mode(Mode::StalledSource),
         case(
             "drop_window_update_in",
             at(2, IN, Filter::on_port(K::PureAck, DIGEST), A::Drop),
@@ -246,9 +250,11 @@ fn cases() -> Vec<FaultCase> {
         ),
         case(
             "duplicate_ack_out",
-            at(2, OUT, on7(K::PureAck), A::Duplicate),
+            at(2, OUT, Filter::on_port(K::PureAck, SOURCE), A::Duplicate),
             Intact,
-        ),
+        )
+        .victim(SOURCE)
+        .mode(Mode::StalledSource),
         case(
             "duplicate_ack_in",
             at(2, IN, Filter::on_port(K::PureAck, DIGEST), A::Duplicate),
@@ -379,9 +385,11 @@ fn cases() -> Vec<FaultCase> {
         ),
         case(
             "zero_window_update_out",
-            at(2, OUT, on7(K::PureAck), A::SetWindow(0)),
+            at(2, OUT, Filter::on_port(K::PureAck, SOURCE), A::SetWindow(0)),
             Intact,
-        ),
+        )
+        .victim(SOURCE)
+        .mode(Mode::StalledSource),
         case(
             "zero_window_update_in",
             at(2, IN, Filter::on_port(K::PureAck, DIGEST), A::SetWindow(0)),

@@ -286,6 +286,45 @@ fn read_client(
     0
 }
 
+/// Phone → client without the receive buffer: writes `data` of connection `id` straight to
+/// its client socket and returns how much the socket took (the session queues the rest). Only
+/// for a connected client whose Result message is out and whose socket was last seen writable;
+/// `WouldBlock` clears that, and any other error takes nothing, so `client_output` meets it
+/// again and ends the connection the usual way.
+fn write_client(
+    conns: &mut [Option<Conn>],
+    by_id: &HashMap<ConnId, usize>,
+    id: ConnId,
+    data: &[u8],
+) -> usize {
+    let Some(c) = by_id
+        .get(&id)
+        .and_then(|&slot| conns.get_mut(slot))
+        .and_then(Option::as_mut)
+    else {
+        return 0;
+    };
+    if !c.connected || !c.writable || !c.prefix.is_empty() || data.is_empty() {
+        return 0;
+    }
+    let Some(stream) = c.stream.as_mut() else {
+        return 0;
+    };
+    // Bounded: only EINTR repeats.
+    for _ in 0..8 {
+        match stream.write(data) {
+            Ok(n) => return n.min(data.len()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.writable = false;
+                return 0;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return 0,
+        }
+    }
+    0
+}
+
 struct Device {
     device_id: u32,
     link: Box<dyn Link>,
@@ -536,10 +575,14 @@ impl Device {
                 self.link.handle_ready();
             }
             loop {
-                // USB links lend their transfer buffers: one copy fewer per byte.
-                let session = &mut self.session;
+                // USB links lend their transfer buffers, and the phone's bytes go from there
+                // straight to the client sockets while nothing is queued before them: two
+                // copies fewer per byte.
+                let (session, conns, by_id) = (&mut self.session, &mut self.conns, &self.by_id);
                 let got = self.link.recv_with(now, &mut self.inbuf, &mut |bytes| {
-                    session.handle_transfer(now, bytes);
+                    session.handle_transfer_with(now, bytes, &mut |id, data| {
+                        write_client(conns, by_id, id, data)
+                    });
                 });
                 match got {
                     Ok(Some(_)) => moved = true,
