@@ -3,8 +3,10 @@
 //!
 //! Why: a blocking `read` or `write` queues one USB request and waits for it; the next one is
 //! queued only after. A device controller serves requests only when they are queued — with
-//! `dummy_hcd` on a 250 Hz kernel that is one transfer per 4 ms timer tick, ≈ 5 MB/s — while a
-//! phone (and any gateway) keeps several requests queued so the bus never waits for userspace.
+//! `dummy_hcd` a request queued after its timer ran waits for the next tick (125 µs on the usb-vm
+//! harness's 6.1 kernel, 1 ms on older ones), and every transfer waits for a trip through
+//! userspace — while a phone (and any gateway) keeps several requests queued so the bus never
+//! waits for userspace.
 //! FunctionFS queues an AIO request on the endpoint at submission, so requests complete in
 //! submission order; the kernel copies OUT data into our buffer before it reports completion.
 //!
