@@ -245,11 +245,7 @@ impl Runner {
             }
             let wall = std::time::Instant::now();
             let t = engine_time(wall);
-            let current = if plugs.phone.is_some() {
-                plugs.stats.plugs
-            } else {
-                u64::MAX
-            };
+            let current = plugs.current();
 
             // 2. Completions.
             drain(&lp.done_fd);
@@ -363,11 +359,7 @@ impl Runner {
                     }
                 }
             }
-            let current = if plugs.phone.is_some() {
-                plugs.stats.plugs
-            } else {
-                u64::MAX
-            };
+            let current = plugs.current();
 
             // 4. Keep reads queued while a phone is plugged.
             if plugs.phone.is_some() {

@@ -443,12 +443,7 @@ impl Runner {
                 Msg::Event(ev) => {
                     if plugs.apply(ev, &self.cfg, &mut *max_packet_size, &mut *self.on_event) {
                         // Packets still queued for an earlier plug are dropped by the writer.
-                        let now_current = if plugs.phone.is_some() {
-                            plugs.stats.plugs
-                        } else {
-                            u64::MAX
-                        };
-                        current.store(now_current, Ordering::SeqCst);
+                        current.store(plugs.current(), Ordering::SeqCst);
                     }
                 }
             }
@@ -465,6 +460,15 @@ struct Plugs {
 }
 
 impl Plugs {
+    /// The number of the plug whose phone is in, `u64::MAX` while none is.
+    fn current(&self) -> u64 {
+        if self.phone.is_some() {
+            self.stats.plugs
+        } else {
+            u64::MAX
+        }
+    }
+
     /// Applies one ep0 event (reported first): ENABLE plugs a fresh phone, unplugging one still
     /// there; DISABLE and UNBIND unplug. True when the plug changed.
     fn apply(

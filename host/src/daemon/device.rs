@@ -237,6 +237,15 @@ struct Conn {
     writable: bool,
 }
 
+/// The client connection of engine connection `id`, if it still has one.
+fn conn_of<'a>(
+    conns: &'a mut [Option<Conn>],
+    by_id: &HashMap<ConnId, usize>,
+    id: ConnId,
+) -> Option<&'a mut Conn> {
+    conns.get_mut(*by_id.get(&id)?)?.as_mut()
+}
+
 /// The source of `Session::poll_transmit_with`: reads connection `id`'s client socket straight
 /// into `dst` (the payload area of the packet being built in a USB transfer). 0 when the client
 /// has nothing now (its readiness is cleared at `WouldBlock`, so the next read waits for the
@@ -249,11 +258,7 @@ fn read_client(
     dst: &mut [u8],
     ended: &mut bool,
 ) -> usize {
-    let Some(c) = by_id
-        .get(&id)
-        .and_then(|&slot| conns.get_mut(slot))
-        .and_then(Option::as_mut)
-    else {
+    let Some(c) = conn_of(conns, by_id, id) else {
         return 0;
     };
     if !c.connected || !c.readable || c.client_eof || c.phone_ended || dst.is_empty() {
@@ -297,11 +302,7 @@ fn write_client(
     id: ConnId,
     data: &[u8],
 ) -> usize {
-    let Some(c) = by_id
-        .get(&id)
-        .and_then(|&slot| conns.get_mut(slot))
-        .and_then(Option::as_mut)
-    else {
+    let Some(c) = conn_of(conns, by_id, id) else {
         return 0;
     };
     if !c.connected || !c.writable || !c.prefix.is_empty() || data.is_empty() {
@@ -738,8 +739,7 @@ impl Device {
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        let slot = *self.by_id.get(&id)?;
-        self.conns.get_mut(slot)?.as_mut()
+        conn_of(&mut self.conns, &self.by_id, id)
     }
 
     /// Client → phone: reads each readable client straight into its connection's send ring.

@@ -52,6 +52,31 @@ impl SharedTrace {
             let _ = w.flush();
         }
     }
+
+    /// Records an OUT packet of `phone` (when there is one to show) and, if it has one, its ZLP.
+    fn record_out(&self, phone: u32, packet: Option<&[u8]>, zlp: bool) {
+        if let Some(packet) = packet {
+            self.record(phone, Entry::transfer(Direction::Out, packet));
+        }
+        if zlp {
+            self.record(
+                phone,
+                Entry::Zlp {
+                    direction: Direction::Out,
+                },
+            );
+        }
+    }
+
+    /// Records the end of `phone`'s link with its error.
+    fn record_unplug(&self, phone: u32, e: &LinkError) {
+        self.record(
+            phone,
+            Entry::Unplug {
+                reason: e.to_string(),
+            },
+        );
+    }
 }
 
 /// A link whose every transfer is recorded.
@@ -83,16 +108,7 @@ impl Link for Traced {
     }
 
     fn send(&mut self, now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {
-        self.trace
-            .record(self.phone, Entry::transfer(Direction::Out, transfer));
-        if zlp {
-            self.trace.record(
-                self.phone,
-                Entry::Zlp {
-                    direction: Direction::Out,
-                },
-            );
-        }
+        self.trace.record_out(self.phone, Some(transfer), zlp);
         self.inner.send(now, transfer, zlp)
     }
 
@@ -102,12 +118,7 @@ impl Link for Traced {
             Ok(Some(n)) => self
                 .trace
                 .record(self.phone, Entry::transfer(Direction::In, &buf[..*n])),
-            Err(e) => self.trace.record(
-                self.phone,
-                Entry::Unplug {
-                    reason: e.to_string(),
-                },
-            ),
+            Err(e) => self.trace.record_unplug(self.phone, e),
             Ok(None) => {}
         }
         r
@@ -129,12 +140,7 @@ impl Link for Traced {
             f(bytes);
         });
         if let Err(e) = &r {
-            trace.record(
-                phone,
-                Entry::Unplug {
-                    reason: e.to_string(),
-                },
-            );
+            trace.record_unplug(phone, e);
         }
         r
     }
@@ -149,19 +155,11 @@ impl Link for Traced {
 
     fn send_out_buffer(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
         // The packet is in the inner link's buffer, which asking again returns unchanged.
-        if let Some(buf) = self.inner.out_buffer() {
-            let packet = buf.get(..len).unwrap_or(buf);
-            self.trace
-                .record(self.phone, Entry::transfer(Direction::Out, packet));
-        }
-        if zlp {
-            self.trace.record(
-                self.phone,
-                Entry::Zlp {
-                    direction: Direction::Out,
-                },
-            );
-        }
+        let packet = self
+            .inner
+            .out_buffer()
+            .map(|buf| buf.get(..len).unwrap_or(buf));
+        self.trace.record_out(self.phone, packet, zlp);
         self.inner.send_out_buffer(now, len, zlp)
     }
 
