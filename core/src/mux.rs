@@ -783,7 +783,10 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
     ///
     /// Bytes already in a connection's send buffer always go first (`source` is not asked
     /// until it is empty), so the two ways may be mixed. Window, packet size and the ZLP rule
-    /// apply as for buffered bytes; `dst` is never larger than the window allows.
+    /// apply as for buffered bytes; `dst` is never larger than the window allows. A source that
+    /// fills all of `dst` is taken to hold more: if the peer's window then closes, the
+    /// connection counts a stall and probes for a lost window update as it would with bytes
+    /// in its send buffer (one that returns less is taken to be drained).
     pub fn poll_transmit_with(
         &mut self,
         now: Instant,

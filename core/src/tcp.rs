@@ -375,6 +375,11 @@ pub struct Connection<B> {
     reack_backoff: Duration,
     reack_count: u8,
     stalled: bool,
+    /// The application's source (`dispatch`'s `source`) filled all the room it was last
+    /// offered, so it probably holds more bytes than the engine can see. Why: a connection fed
+    /// that way has an empty send ring, and without this a closed peer window would look like
+    /// "nothing to send" — no stall counted, no probe to ask again for a lost window update.
+    source_more: bool,
     connected_once: bool,
     reason: Option<ResetReason>,
     pub(crate) events: u8,
@@ -452,6 +457,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             reack_backoff: Duration::ZERO,
             reack_count: 0,
             stalled: false,
+            source_more: false,
             connected_once: false,
             reason: None,
             events: 0,
@@ -575,7 +581,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
     /// Is anything of ours waiting on the peer: data sent but not acknowledged, or data queued
     /// behind a closed window?
     fn outstanding(&self) -> bool {
-        seq_gt(self.snd_nxt, self.snd_una) || (!self.tx.is_empty() && self.peer_window() == 0)
+        seq_gt(self.snd_nxt, self.snd_una) || (self.more_to_send() && self.peer_window() == 0)
+    }
+
+    /// Bytes wait to be sent: in the send ring, or (probably) at the application's source.
+    fn more_to_send(&self) -> bool {
+        !self.tx.is_empty() || self.source_more
     }
 
     /// Could the peer be waiting for a window update? Its remaining window (nothing is lost, so
@@ -1059,9 +1070,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             if room > 0 {
                 direct = source(&mut out[hl..hl + room]).min(room);
                 n = direct;
+                self.source_more = direct == room;
             }
         }
-        if queued > 0 && self.peer_window() == 0 && !self.stalled {
+        if self.more_to_send() && self.peer_window() == 0 && !self.stalled {
             self.stalled = true;
             self.stats.window_stalls += 1;
             if self.probe_at.is_none() {
