@@ -472,7 +472,7 @@ fuzz_target!(|data: &[u8]| {
         .conns
         .iter()
         .flat_map(|c| c.streams.iter())
-        .map(|s| s.pending + (s.sent - s.read))
+        .map(|s| s.pending + s.sent.saturating_sub(s.read))
         .sum();
     let rounds = 200 + usize::try_from(left / 1000).unwrap_or(usize::MAX);
     for _ in 0..rounds {
