@@ -246,6 +246,36 @@ fn conn_of<'a>(
     conns.get_mut(*by_id.get(&id)?)?.as_mut()
 }
 
+/// What one read or write of a client socket came to ([`socket_io`]).
+enum SocketIo {
+    /// This many bytes moved (a read of 0 is the end of the client's stream).
+    Moved(usize),
+    /// Nothing now: at `WouldBlock` the readiness flag is cleared, so the poll loop's next
+    /// event for the socket sets it again.
+    Later,
+    /// Any other error: for a read, the client's sending side is over; for a write, the client
+    /// is gone.
+    Failed,
+}
+
+/// One read or write of a client socket, `EINTR` retried (bounded: after 8 in a row it gives
+/// `Later` with `ready` still set, so the next turn tries again). One place for what the
+/// daemon's four socket paths (ring and direct, each way) make of an outcome.
+fn socket_io(ready: &mut bool, mut op: impl FnMut() -> io::Result<usize>) -> SocketIo {
+    for _ in 0..8 {
+        match op() {
+            Ok(n) => return SocketIo::Moved(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *ready = false;
+                return SocketIo::Later;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return SocketIo::Failed,
+        }
+    }
+    SocketIo::Later
+}
+
 /// The source of `Session::poll_transmit_with`: reads connection `id`'s client socket straight
 /// into `dst` (the payload area of the packet being built in a USB transfer). 0 when the client
 /// has nothing now (its readiness is cleared at `WouldBlock`, so the next read waits for the
@@ -267,28 +297,15 @@ fn read_client(
     let Some(stream) = c.stream.as_mut() else {
         return 0;
     };
-    // Bounded: only EINTR repeats.
-    for _ in 0..8 {
-        match stream.read(dst) {
-            Ok(0) => {
-                c.client_eof = true;
-                *ended = true;
-                return 0;
-            }
-            Ok(n) => return n.min(dst.len()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                c.readable = false;
-                return 0;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                c.client_eof = true;
-                *ended = true;
-                return 0;
-            }
+    match socket_io(&mut c.readable, || stream.read(dst)) {
+        SocketIo::Moved(0) | SocketIo::Failed => {
+            c.client_eof = true;
+            *ended = true;
+            0
         }
+        SocketIo::Moved(n) => n.min(dst.len()),
+        SocketIo::Later => 0,
     }
-    0
 }
 
 /// Phone → client without the receive buffer: writes `data` of connection `id` straight to
@@ -311,19 +328,10 @@ fn write_client(
     let Some(stream) = c.stream.as_mut() else {
         return 0;
     };
-    // Bounded: only EINTR repeats.
-    for _ in 0..8 {
-        match stream.write(data) {
-            Ok(n) => return n.min(data.len()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                c.writable = false;
-                return 0;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return 0,
-        }
+    match socket_io(&mut c.writable, || stream.write(data)) {
+        SocketIo::Moved(n) => n.min(data.len()),
+        SocketIo::Later | SocketIo::Failed => 0,
     }
-    0
 }
 
 struct Device {
@@ -762,26 +770,17 @@ impl Device {
                     // Writable event resumes.
                     break;
                 }
-                match stream.read(buf) {
-                    Ok(0) => {
+                match socket_io(&mut c.readable, || stream.read(buf)) {
+                    SocketIo::Moved(0) | SocketIo::Failed => {
                         c.client_eof = true;
                         moved = true;
                         break;
                     }
-                    Ok(n) => {
+                    SocketIo::Moved(n) => {
                         let _ = self.session.commit(id, n);
                         moved = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        c.readable = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        c.client_eof = true;
-                        moved = true;
-                        break;
-                    }
+                    SocketIo::Later => break,
                 }
             }
         }
@@ -806,17 +805,13 @@ impl Device {
                 };
                 // The Result message first, then the phone's bytes.
                 while !c.prefix.is_empty() {
-                    match stream.write(&c.prefix) {
-                        Ok(n) => {
+                    match socket_io(&mut c.writable, || stream.write(&c.prefix)) {
+                        SocketIo::Moved(n) => {
                             c.prefix.drain(..n);
                             moved = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            c.writable = false;
-                            break;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => {
+                        SocketIo::Later => break,
+                        SocketIo::Failed => {
                             client_gone = true;
                             break;
                         }
@@ -827,14 +822,13 @@ impl Device {
                         Ok(d) if !d.is_empty() => d,
                         _ => break,
                     };
-                    match stream.write(data) {
-                        Ok(n) => {
+                    match socket_io(&mut c.writable, || stream.write(data)) {
+                        SocketIo::Moved(n) => {
                             let _ = self.session.consume(id, n);
                             moved = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => client_gone = true,
+                        SocketIo::Later => break,
+                        SocketIo::Failed => client_gone = true,
                     }
                 }
             }
