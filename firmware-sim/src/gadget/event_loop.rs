@@ -33,13 +33,13 @@ use nix::errno::Errno;
 use nix::libc;
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::time::TimeSpec;
-use usbmux_core::usb::{needs_zlp, MAX_PACKET};
+use usbmux_core::usb::MAX_PACKET;
 use usbmux_core::Instant;
 
 use super::aio::{result, Context, IoEvent, IOCB_CMD_PREAD, IOCB_CMD_PWRITE};
 use super::ep0::{self, Event, EVENT_SIZE};
 use super::{
-    drain, eventfd, is_down, stall, GadgetError, GadgetEvent, Msg, Plugs, RunStats, Runner,
+    drain, eventfd, fail, is_down, stall, GadgetError, GadgetEvent, Msg, Plugs, RunStats, Runner,
     DOWN_PAUSE, EVENTS_PER_READ,
 };
 use crate::cable::DEVICE_READ_LEN;
@@ -294,17 +294,9 @@ impl Runner {
                 lp.out_queued.pop_front();
                 match res {
                     Ok(len) => {
-                        let data = lp.out[i].buf.get(..len).unwrap_or(&[]);
-                        match plugs.phone.as_mut() {
-                            Some(p) if lp.out[i].plug == current => {
-                                plugs.stats.out_transfers += 1;
-                                p.handle_transfer(t, data);
-                            }
-                            _ => {
-                                plugs.stats.out_dropped += 1;
-                                (self.on_event)(&GadgetEvent::OutDropped { len });
-                            }
-                        }
+                        let slot = &lp.out[i];
+                        let of_current = slot.plug == current;
+                        plugs.deliver_out(t, &slot.buf, len, of_current, &mut *self.on_event);
                     }
                     Err(e) if is_down(&e) => out_down = true,
                     Err(error) => return Err(fail(&mut *self.on_event, "OUT", error)),
@@ -387,9 +379,7 @@ impl Runner {
                         lp.in_free.push(slot);
                         break;
                     };
-                    let zlp = x.zlp || needs_zlp(x.len, plugs.mps);
-                    plugs.stats.in_packets += 1;
-                    plugs.stats.in_zlps += u64::from(zlp);
+                    let zlp = plugs.stats.count_in(&x, plugs.mps);
                     // The kernel reports a disabled endpoint as the request's completion, so a
                     // failed submission is a real failure (a bad file, a full context).
                     if let Err(error) = lp.submit_in(slot, x.len, zlp) {
@@ -460,19 +450,6 @@ fn wait_for(w: Waits) -> Option<Duration> {
         .flatten()
         .map(|d| d.max(MIN_WAIT))
         .min()
-}
-
-/// Reports an endpoint failure and makes the run's error of it.
-fn fail(
-    on_event: &mut (dyn FnMut(&GadgetEvent) + Send),
-    endpoint: &'static str,
-    error: io::Error,
-) -> GadgetError {
-    on_event(&GadgetEvent::EndpointFailed {
-        endpoint,
-        error: error.to_string(),
-    });
-    GadgetError::Endpoint { endpoint, error }
 }
 
 #[cfg(test)]

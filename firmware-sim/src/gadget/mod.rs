@@ -56,7 +56,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use usbmux_core::usb::{needs_zlp, MAX_PACKET};
-use usbmux_core::Instant;
+use usbmux_core::{Instant, Transmit};
 
 use crate::cable::DEVICE_READ_LEN;
 use crate::phone::{Phone, PhoneConfig};
@@ -347,7 +347,7 @@ impl Runner {
                     let mut buf = in_free.pop().unwrap_or_else(|| vec![0u8; MAX_PACKET + 1]);
                     match p.poll_transmit(t, &mut buf) {
                         Ok(Some(x)) => {
-                            let zlp = x.zlp || needs_zlp(x.len, plugs.mps);
+                            let zlp = plugs.stats.count_in(&x, plugs.mps);
                             let packet = Packet {
                                 plug: plugs.stats.plugs,
                                 data: buf,
@@ -362,8 +362,6 @@ impl Runner {
                                 });
                             }
                             in_flight += 1;
-                            plugs.stats.in_packets += 1;
-                            plugs.stats.in_zlps += u64::from(zlp);
                         }
                         Ok(None) => {
                             in_free.push(buf);
@@ -413,17 +411,7 @@ impl Runner {
                     }
                 }
                 Msg::Out(buf, len) => {
-                    let t = buf.get(..len).unwrap_or(&[]);
-                    match plugs.phone.as_mut() {
-                        Some(p) => {
-                            plugs.stats.out_transfers += 1;
-                            p.handle_transfer(now(), t);
-                        }
-                        None => {
-                            plugs.stats.out_dropped += 1;
-                            (self.on_event)(&GadgetEvent::OutDropped { len });
-                        }
-                    }
+                    plugs.deliver_out(now(), &buf, len, true, &mut *self.on_event);
                     // Full queue: the reader has plenty; let this one go.
                     let _ = out_free_tx.try_send(buf);
                 }
@@ -434,11 +422,7 @@ impl Runner {
                     (self.on_event)(&GadgetEvent::Stalled(r));
                 }
                 Msg::Failed(endpoint, error) => {
-                    (self.on_event)(&GadgetEvent::EndpointFailed {
-                        endpoint,
-                        error: error.to_string(),
-                    });
-                    return Err(GadgetError::Endpoint { endpoint, error });
+                    return Err(fail(&mut *self.on_event, endpoint, error))
                 }
                 Msg::Event(ev) => {
                     if plugs.apply(ev, &self.cfg, &mut *max_packet_size, &mut *self.on_event) {
@@ -448,6 +432,17 @@ impl Runner {
                 }
             }
         }
+    }
+}
+
+impl RunStats {
+    /// Counts IN packet `x` as sent; returns whether a ZLP follows it (the phone's own rule, or
+    /// the one for the plug's packet size `mps`).
+    fn count_in(&mut self, x: &Transmit, mps: u16) -> bool {
+        let zlp = x.zlp || needs_zlp(x.len, mps);
+        self.in_packets += 1;
+        self.in_zlps += u64::from(zlp);
+        zlp
     }
 }
 
@@ -466,6 +461,28 @@ impl Plugs {
             self.stats.plugs
         } else {
             u64::MAX
+        }
+    }
+
+    /// Hands OUT transfer `buf[..len]` to the phone plugged in, or counts and reports it dropped
+    /// when no phone is in or it was read for an earlier plug (`of_current_plug` false).
+    fn deliver_out(
+        &mut self,
+        now: Instant,
+        buf: &[u8],
+        len: usize,
+        of_current_plug: bool,
+        on_event: &mut (dyn FnMut(&GadgetEvent) + Send),
+    ) {
+        match self.phone.as_mut() {
+            Some(p) if of_current_plug => {
+                self.stats.out_transfers += 1;
+                p.handle_transfer(now, buf.get(..len).unwrap_or(&[]));
+            }
+            _ => {
+                self.stats.out_dropped += 1;
+                on_event(&GadgetEvent::OutDropped { len });
+            }
         }
     }
 
@@ -503,6 +520,19 @@ impl Plugs {
         }
         true
     }
+}
+
+/// Reports an endpoint failure and makes the run's error of it.
+fn fail(
+    on_event: &mut (dyn FnMut(&GadgetEvent) + Send),
+    endpoint: &'static str,
+    error: io::Error,
+) -> GadgetError {
+    on_event(&GadgetEvent::EndpointFailed {
+        endpoint,
+        error: error.to_string(),
+    });
+    GadgetError::Endpoint { endpoint, error }
 }
 
 /// A new eventfd (non-blocking, close-on-exec).
