@@ -214,6 +214,53 @@ profile_daemons() {
     done
 }
 
+# timeline_daemons: for each daemon of $DAEMONS, one transfer each way with the kernel's stamp
+# on every USB transfer — the host's submission and completion of each URB (usbmon) and the
+# phone's controller queueing and giving back each request (the gadget trace events) — and the
+# scheduler's switches, all on the monotonic clock, as @@TL lines (USB_VM_PROFILE=timeline; the
+# host's tests/usb-vm/timeline.py reads them from the console log).
+timeline_daemons() {
+    local d dir mon bus filter t T=/sys/kernel/debug/tracing
+    modprobe usbmon || { info "timeline: no usbmon"; return; }
+    grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs none /sys/kernel/debug
+    bus=$(cat "$(usb_dir $UDID1)/busnum")
+    echo mono > $T/trace_clock
+    # Which CPUs the scheduler may move a woken task between at once (one LLC domain) or only
+    # by balancing later.
+    info "timeline: sched domains of cpu0: $(cat /sys/kernel/debug/sched/domains/cpu0/domain*/name 2> /dev/null | tr '\n' ' ')flags: $(cat /sys/kernel/debug/sched/domains/cpu0/domain*/flags 2> /dev/null | tr '\n' ' ')"
+    info "timeline: cpu0 caches shared with: $(cat /sys/devices/system/cpu/cpu0/cache/index*/shared_cpu_list 2> /dev/null | tr '\n' ' ')"
+    echo 16384 > $T/buffer_size_kb
+    for d in $DAEMONS; do
+        start_daemon $d || { info "timeline $d: usbmuxd does not start"; continue; }
+        $CLIENT wait --udid $UDID1 --timeout 45 > /dev/null 2>&1
+        sleep 1
+        # System calls of the daemon's and the phone's threads only (each side's own work
+        # between two wake-ups).
+        filter=$(for t in /proc/$DPID/task/* /proc/$SIM_PID_phone1/task/*; do
+            printf 'common_pid == %s || ' ${t##*/}
+        done)
+        echo "${filter% || }" > $T/events/raw_syscalls/filter
+        for dir in up down; do
+            echo > $T/trace
+            for e in gadget/usb_ep_queue gadget/usb_gadget_giveback_request sched/sched_switch sched/sched_wakeup raw_syscalls; do
+                echo 1 > $T/events/$e/enable
+            done
+            cat /sys/kernel/debug/usb/usbmon/${bus}u > /tmp/usbmon.txt &
+            mon=$!
+            sleep 0.5
+            echo 1 > $T/tracing_on
+            info "timeline $d $dir: $($CLIENT $dir --udid $UDID1 --mib 4 2>&1)"
+            echo 0 > $T/tracing_on
+            sleep 0.2
+            kill $mon
+            wait $mon 2> /dev/null
+            sed "s/^/@@TL $d $dir trace|/" $T/trace
+            sed "s/^/@@TL $d $dir mon|/" /tmp/usbmon.txt
+        done
+        stop_daemon $d
+    done
+}
+
 # ---------------------------------------------------------------- checks
 
 lists_udid() { # UDID: Debian's idevice_id -l shows it
@@ -491,4 +538,5 @@ else
         $OURS/usb-vm-client table /tmp/bench.txt 2>&1 | sed 's/^/@@TABLE /'
     fi
     if [ "$PROFILE" = 1 ]; then profile_daemons; fi
+    if [ "$PROFILE" = timeline ]; then timeline_daemons; fi
 fi

@@ -27,7 +27,10 @@
 #   USB_VM_PROFILE  1: after the measurements, watch each daemon of USB_VM_DAEMONS through one
 #                   transfer each way with `strace -f -c` and one with `perf record` (cpu-clock),
 #                   and print the summaries; needs strace and perf on the host (their binaries
-#                   and libraries go into the guest)
+#                   and libraries go into the guest). timeline: instead, one 4 MiB transfer
+#                   each way per daemon with the kernel's stamp on every USB transfer (usbmon,
+#                   the gadget trace events) and every scheduler switch, as @@TL lines of the
+#                   console log; `tests/usb-vm/timeline.py LOG` says where the round trip goes
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -207,7 +210,10 @@ add_mod() {
     cp "$f" "$R/lib/modules/$KVER/${f#"$MD"/}"
     for d in $(modinfo -F depends "$f" | tr ',' ' '); do add_mod "$d"; done
 }
-for m in configfs libcomposite usb_f_fs dummy_hcd; do add_mod $m; done
+MODS="configfs libcomposite usb_f_fs dummy_hcd"
+# USB_VM_PROFILE=timeline: usbmon stamps the host's side of every transfer.
+[ "${USB_VM_PROFILE:-0}" = timeline ] && MODS="$MODS usbmon"
+for m in $MODS; do add_mod $m; done
 cp "$MD"/modules.order "$MD"/modules.builtin "$MD"/modules.builtin.modinfo "$R/lib/modules/$KVER/"
 depmod -b "$R" "$KVER"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$WORK/initramfs.gz"
