@@ -83,7 +83,11 @@ impl Phone {
 
     /// One bulk OUT transfer from the host (a ZLP is an empty slice).
     pub fn handle_transfer(&mut self, now: Instant, transfer: &[u8]) {
-        self.session.handle_transfer(now, transfer);
+        let services = &mut self.services;
+        self.session
+            .handle_transfer_with(now, transfer, &mut |id, data| {
+                services.get_mut(&id).map_or(0, |s| s.take_direct(data))
+            });
         self.run();
     }
 
@@ -106,7 +110,10 @@ impl Phone {
         buf: &mut [u8],
     ) -> Result<Option<Transmit>, InsufficientSize> {
         for _ in 0..2 {
-            if let Some(t) = self.session.poll_transmit(now, buf)? {
+            let services = &mut self.services;
+            let mut source =
+                |id, dst: &mut [u8]| services.get_mut(&id).map_or(0, |s| s.fill_direct(dst));
+            if let Some(t) = self.session.poll_transmit_with(now, buf, &mut source)? {
                 return Ok(Some(t));
             }
             if !self.run() {
