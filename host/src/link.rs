@@ -7,7 +7,8 @@
 //! The contract follows the engine's: the device thread calls [`Link::send`] for every packet
 //! `Session::poll_transmit` produced (one mux packet = one OUT transfer, then a ZLP when
 //! `Transmit::zlp` says so — the link must keep that framing), and [`Link::recv`] until it returns
-//! `Ok(None)` whenever it was woken. Links that receive on a thread of their own wake the device
+//! `Ok(None)` whenever it was woken, and [`Link::end_turn`] once per turn after the turn's
+//! packets were handed over. Links that receive on a thread of their own wake the device
 //! thread through the [`mio::Waker`] handed to [`Link::start`]; links that are polled in place (the
 //! in-process simulator) have timers of their own, reported by [`Link::poll_timeout`].
 
@@ -137,6 +138,15 @@ pub trait Link: Send {
     fn handle_timeout(&mut self, now: Instant) {
         let _ = now;
     }
+
+    /// Ends one turn of the device thread (called after the turn's OUT transfers were handed
+    /// over): does what the link put off until then. A USB link with asynchronous IN submits
+    /// here the IN transfers [`Link::recv_with`] emptied during the turn, so the OUT transfer
+    /// that the phone's ACK let go is on the bus before them: an IN transfer's submission
+    /// costs ≈ 20–80 µs in the VM harness's guest, and the ACK's round trip bounds one
+    /// connection's throughput. Required, not defaulted: a wrapper that did not pass it on
+    /// would leave those transfers unsubmitted for good.
+    fn end_turn(&mut self);
 }
 
 /// [`Link::recv_with`] for a link that cannot lend its bytes: [`Link::recv`] into `scratch`,

@@ -654,6 +654,9 @@ impl Device {
                     }
                 }
             }
+            // The IN transfers emptied above go back to the phone now, after the OUT
+            // transfers their bytes let go (`Link::end_turn`).
+            self.link.end_turn();
             moved |= client_ended;
             moved |= self.drain_events();
             moved |= self.client_output();

@@ -105,4 +105,7 @@ impl Link for SimLink {
     fn handle_timeout(&mut self, now: Instant) {
         self.phone.handle_timeout(now);
     }
+
+    /// Nothing is put off: the phone is in process.
+    fn end_turn(&mut self) {}
 }

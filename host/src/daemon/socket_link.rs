@@ -139,6 +139,9 @@ impl Link for SocketLink {
             Err(mpsc::TryRecvError::Disconnected) => Err(LinkError::Disconnected),
         }
     }
+
+    /// Nothing is put off: every datagram is sent and read as it comes.
+    fn end_turn(&mut self) {}
 }
 
 impl Drop for SocketLink {

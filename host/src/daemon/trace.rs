@@ -178,6 +178,10 @@ impl Link for Traced {
     fn handle_timeout(&mut self, now: Instant) {
         self.inner.handle_timeout(now);
     }
+
+    fn end_turn(&mut self) {
+        self.inner.end_turn();
+    }
 }
 
 impl Drop for Traced {

@@ -170,6 +170,17 @@ impl Completions {
         q.slots.pop_front();
         q.claim()
     }
+
+    /// Retires the oldest completed transfer without resubmitting it (see
+    /// [`AsyncReader::submit_emptied`]); it is not in flight until then.
+    fn retire_only(&self) {
+        self.tracker.lock().slots.pop_front();
+    }
+
+    /// Counts one resubmission if submitting is still allowed. True: submit it now.
+    fn claim(&self) -> bool {
+        self.tracker.lock().claim()
+    }
 }
 
 /// The IN side of a [`UsbLink`](super::UsbLink) in the asynchronous strategy: owns the pool,
@@ -183,6 +194,9 @@ pub(crate) struct AsyncReader {
     cancel_wait: Duration,
     started: bool,
     closed: bool,
+    /// Slots [`AsyncReader::recv_with`] emptied, submitted again by
+    /// [`AsyncReader::submit_emptied`] (oldest first; at most one entry per slot).
+    emptied: Vec<usize>,
 }
 
 impl AsyncReader {
@@ -196,6 +210,7 @@ impl AsyncReader {
             cancel_wait: CANCEL_WAIT,
             started: false,
             closed: false,
+            emptied: Vec::new(),
         }
     }
 
@@ -251,26 +266,56 @@ impl AsyncReader {
         })
     }
 
-    /// Lends the rest of the oldest completed transfer to `f` where it lies (no copy) and
-    /// resubmits the transfer: `Ok(Some(n))` after one call of `f` with `n` bytes, otherwise as
-    /// [`AsyncReader::recv`].
+    /// Lends the rest of the oldest completed transfer to `f` where it lies (no copy):
+    /// `Ok(Some(n))` after one call of `f` with `n` bytes, otherwise as [`AsyncReader::recv`].
+    /// Unlike `recv` it does not resubmit the emptied transfer: [`AsyncReader::submit_emptied`]
+    /// does, once the caller has sent what the bytes called for (the device thread's turn
+    /// ends with it, `Link::end_turn`).
     pub(crate) fn recv_with(
         &mut self,
         counters: &Counters,
         f: &mut dyn FnMut(&[u8]),
     ) -> Result<Option<usize>, Fault> {
-        self.take(counters, &mut |pending| {
+        self.take_with(counters, true, &mut |pending| {
             f(pending);
             pending.len()
         })
     }
 
-    /// The common part of `recv` and `recv_with`: offers the unread bytes of the oldest
-    /// non-empty completed transfer to `consume`, which returns how many it took (a call with
-    /// no bytes is never made).
+    /// Submits again the transfers [`AsyncReader::recv_with`] emptied since the last call
+    /// (none after a fault or once closing). Why later: the IN transfer that brought the
+    /// phone's ACK is emptied before the OUT transfer that ACK lets go is built, and its
+    /// resubmission (a system call, ≈ 20–80 µs in the VM harness's guest) would stand between
+    /// the two on the round trip that bounds one connection's throughput. The other transfers
+    /// of the pool stay in flight meanwhile.
+    pub(crate) fn submit_emptied(&mut self) {
+        let mut emptied = std::mem::take(&mut self.emptied);
+        for &slot in &emptied {
+            if self.completions.claim() {
+                self.submit(slot);
+            }
+        }
+        emptied.clear();
+        self.emptied = emptied;
+    }
+
+    /// `recv`'s part of [`AsyncReader::take_with`]: an emptied transfer is resubmitted at once.
     fn take(
         &mut self,
         counters: &Counters,
+        consume: &mut dyn FnMut(&[u8]) -> usize,
+    ) -> Result<Option<usize>, Fault> {
+        self.take_with(counters, false, consume)
+    }
+
+    /// The common part of `recv` and `recv_with`: offers the unread bytes of the oldest
+    /// non-empty completed transfer to `consume`, which returns how many it took (a call with
+    /// no bytes is never made). An emptied transfer is resubmitted at once, or with `later`
+    /// left for [`AsyncReader::submit_emptied`].
+    fn take_with(
+        &mut self,
+        counters: &Counters,
+        later: bool,
         consume: &mut dyn FnMut(&[u8]) -> usize,
     ) -> Result<Option<usize>, Fault> {
         // Each turn either returns or retires one zero-length transfer.
@@ -300,7 +345,10 @@ impl AsyncReader {
             }
             if self.offset + n >= end {
                 self.offset = 0;
-                if self.completions.retire() {
+                if later {
+                    self.completions.retire_only();
+                    self.emptied.push(head.slot);
+                } else if self.completions.retire() {
                     self.submit(head.slot);
                 }
             } else {
@@ -552,12 +600,15 @@ mod tests {
             .reader
             .recv_with(&r.counters, &mut |b| seen.push(b.to_vec()));
         assert_eq!(got, Ok(Some(5)));
-        // The zero-length transfer is skipped (never lent), the next one lent whole.
+        // The zero-length transfer is skipped (never lent), the next one lent whole; the
+        // emptied transfers go back at the end of the turn.
+        r.reader.submit_emptied();
         r.complete(b"second");
         let got = r
             .reader
             .recv_with(&r.counters, &mut |b| seen.push(b.to_vec()));
         assert_eq!(got, Ok(Some(6)));
+        r.reader.submit_emptied();
         // Part of a transfer by copy, the rest lent: the offset carries over.
         r.complete(b"third!");
         let mut half = [0u8; 3];
@@ -573,8 +624,80 @@ mod tests {
                 .recv_with(&r.counters, &mut |_| panic!("lent nothing")),
             Ok(None)
         );
+        r.reader.submit_emptied();
         // Every consumed slot went back in flight.
         assert_eq!(r.bus.lock().unwrap().queued.len(), 2);
+    }
+
+    /// A lent transfer is submitted again only by `submit_emptied` (the end of the device
+    /// thread's turn, after the OUT transfers its bytes let go), oldest first, once each; after
+    /// a fault or a close nothing is.
+    #[test]
+    fn lent_transfers_go_back_at_the_end_of_the_turn() {
+        let mut r = rig(3);
+        r.start();
+        let a = r.complete(b"ack one");
+        let b = r.complete(b"ack two");
+        for _ in 0..2 {
+            assert!(r
+                .reader
+                .recv_with(&r.counters, &mut |_| {})
+                .unwrap()
+                .is_some());
+        }
+        assert_eq!(r.reader.recv_with(&r.counters, &mut |_| {}), Ok(None));
+        // Only the transfer nobody emptied is still on the bus.
+        assert_eq!(r.in_flight().len(), 1);
+        let before = r.submissions().len();
+        r.reader.submit_emptied();
+        assert_eq!(&r.submissions()[before..], &[a, b]);
+        assert_eq!(r.in_flight().len(), 3);
+        r.reader.submit_emptied();
+        assert_eq!(
+            r.submissions().len(),
+            before + 2,
+            "each emptied transfer goes back once"
+        );
+
+        // Emptied, then the link fails: nothing goes back.
+        r.complete(b"data");
+        assert!(r
+            .reader
+            .recv_with(&r.counters, &mut |_| {})
+            .unwrap()
+            .is_some());
+        r.fail(rusb::Error::NoDevice);
+        let before = r.submissions().len();
+        r.reader.submit_emptied();
+        assert_eq!(
+            r.submissions().len(),
+            before,
+            "no resubmission after a fault"
+        );
+    }
+
+    /// An emptied transfer waiting for the end of the turn is not in flight: a close neither
+    /// waits for it nor submits it.
+    #[test]
+    fn lent_transfers_are_not_resubmitted_once_closing() {
+        let mut r = rig(2);
+        r.start();
+        r.complete(b"x");
+        assert!(r
+            .reader
+            .recv_with(&r.counters, &mut |_| {})
+            .unwrap()
+            .is_some());
+        let t0 = Instant::now();
+        r.reader.close();
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "close waited for the emptied transfer"
+        );
+        assert!(r.idle());
+        let before = r.submissions();
+        r.reader.submit_emptied();
+        assert_eq!(r.submissions(), before, "no resubmission once closing");
     }
 
     #[test]

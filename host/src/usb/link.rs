@@ -794,6 +794,12 @@ impl Link for UsbLink {
         }
     }
 
+    fn end_turn(&mut self) {
+        if let InSide::Async(reader) = &mut self.in_side {
+            reader.submit_emptied();
+        }
+    }
+
     fn lends_out_buffers(&self) -> bool {
         self.async_out.is_some()
     }
