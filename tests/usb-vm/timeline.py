@@ -175,6 +175,8 @@ def analyse(daemon, direction, run):
     g_in_queue = [(e["t"], e["length"]) for e in tr if e["what"] == "usb_ep_queue" and e.get("ep") == "in"]
     g_in_done = [(e["t"], e["actual"]) for e in tr if e["what"] == "usb_gadget_giveback_request" and e.get("ep") == "in"]
     host_s = {ep: [e["t"] for e in mon if e["ep"] == ep and e["kind"] == "S"] for ep in ("Bo", "Bi")}
+    host_s_data = {ep: [e["t"] for e in mon if e["ep"] == ep and e["kind"] == "S" and e["len"] > 200]
+                   for ep in ("Bo", "Bi")}
     host_c = {ep: [(e["t"], e["len"]) for e in mon if e["ep"] == ep and e["kind"] == "C"] for ep in ("Bo", "Bi")}
 
     def last_before(ts, t):
@@ -204,7 +206,8 @@ def analyse(daemon, direction, run):
             if prev is None or done is None:
                 continue
             hc = next((t for t, l in host_c["Bi"] if t >= done - 5), None)
-            nxt = first_after(host_s["Bo"], hc) if hc is not None else None
+            # The next data transfer (not a ZLP ending an earlier one, nor a pure ACK).
+            nxt = first_after(host_s_data["Bo"], hc) if hc is not None else None
             if nxt is None:
                 continue
             phone.append(tq - prev)
