@@ -356,8 +356,8 @@ impl Runner {
             // 4. Timers and IN packets — before the reads are queued again: the ACK for the data
             //    just handed over is what the host waits for (its window is closed), while the
             //    reads still queued take its next transfers; queueing a read costs the kernel
-            //    a buffer of the read's size (cleared), ≈ 100 µs per read in the VM harness's
-            //    guest, so four of them before the ACK delayed it by ≈ 0.4 ms.
+            //    a buffer of the read's size (cleared), 80–280 µs per read in the VM harness's
+            //    guest, so the four queued before the ACK delayed it by ≈ 0.4 ms.
             if let Some(p) = plugs.phone.as_mut() {
                 if p.poll_timeout().is_some_and(|d| d <= t) {
                     p.handle_timeout(t);

@@ -20,9 +20,11 @@
 //! - **No allocation per transfer.** The pool's transfers and buffers are allocated once; the
 //!   queue holds at most one entry per slot and is allocated with that capacity.
 //! - **Backpressure.** A slot is submitted again only after the device thread has consumed all
-//!   of its bytes ([`AsyncReader::recv`] resubmits it), so a device thread that falls behind
+//!   of its bytes ([`AsyncReader::recv`] resubmits it at once; after [`AsyncReader::recv_with`]
+//!   the device thread's [`AsyncReader::submit_emptied`] does, at the end of its turn, once
+//!   the OUT transfers the bytes called for are out), so a device thread that falls behind
 //!   leaves no transfer in flight and the phone's data waits in the phone, as with the reader
-//!   thread. Zero-length completions are resubmitted as soon as `recv` sees them.
+//!   thread. Zero-length completions are resubmitted the same way as soon as they are seen.
 //! - **Failure.** A transfer that fails (`NoDevice`: unplugged, or any other error) records the
 //!   same [`Fault`] the reader thread would, wakes the device thread, and stops resubmission;
 //!   `recv` returns the data completed before the failure first, then the error. Completions
