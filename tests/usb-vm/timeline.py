@@ -170,6 +170,13 @@ def analyse(daemon, direction, run):
           f"{len(data)} data transfers, {len(acks)} ACK-carrying transfers")
     print(f"   window closed {100 * closed_total / span:.0f} % of the time, "
           f"{len(closed_spans)} times, median {median(closed_spans):.0f} µs")
+    # Stretches with no event at all on any CPU: everyone waiting for a timer, a task computing
+    # without system calls (only the daemon's and the phone's are traced), or the whole guest
+    # standing still (the emulator or its host) — the log around a gap tells which.
+    stamps = sorted([e["t"] for e in tr if t0 <= e["t"] <= t1] + [e["t"] for e in mon if t0 <= e["t"] <= t1])
+    silent = [b - a for a, b in zip(stamps, stamps[1:]) if b - a > 1000]
+    print(f"   no event for over 1 ms: {len(silent)} times, {sum(silent) / 1000:.1f} ms in all "
+          f"({100 * sum(silent) / span:.0f} % of the time)")
     # Gadget-side stamps: given back OUT (phone received data / ACK), IN queued by the phone.
     g_out_done = [e["t"] for e in tr if e["what"] == "usb_gadget_giveback_request" and e.get("ep") == "out" and e["actual"] > 0]
     g_in_queue = [(e["t"], e["length"]) for e in tr if e["what"] == "usb_ep_queue" and e.get("ep") == "in"]
