@@ -29,8 +29,9 @@
 #                   and print the summaries; needs strace and perf on the host (their binaries
 #                   and libraries go into the guest). timeline: instead, one 4 MiB transfer
 #                   each way per daemon with the kernel's stamp on every USB transfer (usbmon,
-#                   the gadget trace events) and every scheduler switch, as @@TL lines of the
-#                   console log; `tests/usb-vm/timeline.py LOG` says where the round trip goes
+#                   the gadget trace events), every scheduler switch and the daemon's and
+#                   phone's system calls, as @@TL lines of the console log;
+#                   `tests/usb-vm/timeline.py LOG` says where the round trip goes
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -15,10 +15,12 @@ where that round trip goes. For every round this prints, in medians over the tra
 
 - window: the share of the transfer during which the sender had the whole window in flight
   (it could send nothing until an ACK came);
-- for each ACK that reopened a closed window, the path from the last data transfer before it
-  to the sender's next data transfer, split at each stamp: the receiver's reaction (data given
-  back -> its ACK queued), the bus (ACK queued -> given back), the sender's reaction (ACK
-  completed -> next data submitted / queued).
+- for each ACK, the path from the last data transfer before it to the sender's next data
+  transfer, split at each stamp: the receiver's reaction (data given back -> its ACK queued),
+  the bus (ACK queued -> given back), the sender's reaction (ACK completed -> next data
+  submitted / queued);
+- stretches with no event on any CPU, the daemon's and the phone's system calls, and how long
+  each woken task waited for a CPU.
 
 Why a script on the host: busybox's awk in the guest has no floating-point formatting to
 speak of, and the raw lines stay in the console log for other questions.
@@ -30,6 +32,7 @@ import sys
 from collections import defaultdict
 
 WRAP_US = 4096 * 1_000_000  # usbmon's stamp: monotonic microseconds modulo 4096 s
+HEADERS = 16 + 20  # the v2 mux header and the TCP header in front of every payload
 
 # x86-64 system call numbers the daemons and the phone use on their data paths.
 SYSCALLS = {0: "read", 1: "write", 7: "poll", 16: "ioctl", 20: "writev", 44: "sendto",
@@ -132,7 +135,7 @@ def analyse(daemon, direction, run):
     data_ep, ack_ep = ("Bo", "Bi") if up else ("Bi", "Bo")
     # Data packets as the sender hands them over (host: submission; phone: seen at completion,
     # its queueing is in the trace) and ACKs as the sender learns of them.
-    data = [e for e in mon if e["ep"] == data_ep and "seq" in e and e["mux_len"] > 20 + 64
+    data = [e for e in mon if e["ep"] == data_ep and "seq" in e and e["mux_len"] > HEADERS + 48
             and (e["kind"] == "S" if up else e["kind"] == "C")]
     acks = [e for e in mon if e["ep"] == ack_ep and "ack" in e
             and (e["kind"] == "C" if up else e["kind"] == "S")]
@@ -140,7 +143,7 @@ def analyse(daemon, direction, run):
         print(f"{daemon} {direction}: no data or no ACKs found ({len(data)}, {len(acks)})")
         return
     t0, t1 = data[0]["t"], data[-1]["t"]
-    payload = sum(e["mux_len"] - 16 - 20 for e in data)
+    payload = sum(e["mux_len"] - HEADERS for e in data)
     # The sender's view: bytes sent past the last ACK, against the last window.
     evs = sorted([(e["t"], 0, e) for e in data] + [(e["t"], 1, e) for e in acks], key=lambda x: (x[0], x[1]))
     snd_end = None
@@ -150,8 +153,7 @@ def analyse(daemon, direction, run):
     closed_spans = []
     for t, k, e in evs:
         if k == 0:
-            end = (e["seq"] + e["mux_len"] - 36) & 0xFFFFFFFF
-            snd_end = end
+            snd_end = (e["seq"] + e["mux_len"] - HEADERS) & 0xFFFFFFFF
         else:
             ack, win = e["ack"], e["win"]
         if snd_end is None or ack is None:
@@ -181,9 +183,9 @@ def analyse(daemon, direction, run):
     g_out_done = [e["t"] for e in tr if e["what"] == "usb_gadget_giveback_request" and e.get("ep") == "out" and e["actual"] > 0]
     g_in_queue = [(e["t"], e["length"]) for e in tr if e["what"] == "usb_ep_queue" and e.get("ep") == "in"]
     g_in_done = [(e["t"], e["actual"]) for e in tr if e["what"] == "usb_gadget_giveback_request" and e.get("ep") == "in"]
-    host_s = {ep: [e["t"] for e in mon if e["ep"] == ep and e["kind"] == "S"] for ep in ("Bo", "Bi")}
-    host_s_data = {ep: [e["t"] for e in mon if e["ep"] == ep and e["kind"] == "S" and e["len"] > 200]
-                   for ep in ("Bo", "Bi")}
+    # Host-side stamps: OUT submitted (all, and data only), IN and OUT completed.
+    host_out = [e["t"] for e in mon if e["ep"] == "Bo" and e["kind"] == "S"]
+    host_out_data = [e["t"] for e in mon if e["ep"] == "Bo" and e["kind"] == "S" and e["len"] > 200]
     host_c = {ep: [(e["t"], e["len"]) for e in mon if e["ep"] == ep and e["kind"] == "C"] for ep in ("Bo", "Bi")}
 
     def last_before(ts, t):
@@ -214,26 +216,25 @@ def analyse(daemon, direction, run):
                 continue
             hc = next((t for t, l in host_c["Bi"] if t >= done - 5), None)
             # The next data transfer (not a ZLP ending an earlier one, nor a pure ACK).
-            nxt = first_after(host_s_data["Bo"], hc) if hc is not None else None
+            nxt = first_after(host_out_data, hc) if hc is not None else None
             if nxt is None:
                 continue
             phone.append(tq - prev)
             bus.append(done - tq)
             host.append(nxt - hc)
             whole.append(nxt - prev)
-        out_bus = []
-        so = host_s["Bo"]
-        co = [t for t, _ in host_c["Bo"]]
-        for s, c in zip(so, co):
-            out_bus.append(c - s)
+        # One endpoint completes in submission order.
+        out_bus = [c - s for s, (c, _) in zip(host_out, host_c["Bo"])]
     else:
         # Host: IN data completed -> next OUT submitted (its ACK); bus: -> given back to the
         # phone; phone: OUT given back -> its next IN queued.
         phone, bus, host, whole = [], [], [], []
-        for t_s in host_s["Bo"]:
-            prev = last_before([t for t, l in host_c["Bi"] if l > 200], t_s)
+        in_data_done = [t for t, l in host_c["Bi"] if l > 200]
+        phone_in_queued = [t for t, _ in g_in_queue]
+        for t_s in host_out:
+            prev = last_before(in_data_done, t_s)
             got = first_after(g_out_done, t_s)
-            nxt = first_after([t for t, _ in g_in_queue], got) if got is not None else None
+            nxt = first_after(phone_in_queued, got) if got is not None else None
             if prev is None or got is None or nxt is None:
                 continue
             host.append(t_s - prev)
