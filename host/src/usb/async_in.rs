@@ -261,7 +261,7 @@ impl AsyncReader {
         if buf.is_empty() {
             return Ok(None);
         }
-        self.take(counters, &mut |pending| {
+        self.take_with(counters, false, &mut |pending| {
             let n = pending.len().min(buf.len());
             buf[..n].copy_from_slice(&pending[..n]);
             n
@@ -299,15 +299,6 @@ impl AsyncReader {
         }
         emptied.clear();
         self.emptied = emptied;
-    }
-
-    /// `recv`'s part of [`AsyncReader::take_with`]: an emptied transfer is resubmitted at once.
-    fn take(
-        &mut self,
-        counters: &Counters,
-        consume: &mut dyn FnMut(&[u8]) -> usize,
-    ) -> Result<Option<usize>, Fault> {
-        self.take_with(counters, false, consume)
     }
 
     /// The common part of `recv` and `recv_with`: offers the unread bytes of the oldest
