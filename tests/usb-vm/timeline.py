@@ -203,6 +203,7 @@ def analyse(daemon, direction, run):
                 return x
         return None
 
+    reactions = []  # (the sender learns of the ACK, the sender's next data)
     if up:
         # Phone: OUT data given back -> its next IN queued (the ACK); bus: -> IN given back;
         # host: IN completed -> next OUT submitted.
@@ -223,6 +224,7 @@ def analyse(daemon, direction, run):
             bus.append(done - tq)
             host.append(nxt - hc)
             whole.append(nxt - prev)
+            reactions.append((hc, nxt))
         # One endpoint completes in submission order.
         out_bus = [c - s for s, (c, _) in zip(host_out, host_c["Bo"])]
     else:
@@ -241,6 +243,7 @@ def analyse(daemon, direction, run):
             bus.append(got - t_s)
             phone.append(nxt - got)
             whole.append(nxt - prev)
+            reactions.append((got, nxt))
         # Each data request from its queueing to its giveback (the same request; dummy_hcd
         # gives requests of up to 64 bytes back at once and sends a copy later, so only
         # larger ones say when the bus took them).
@@ -268,31 +271,45 @@ def analyse(daemon, direction, run):
         row("data completed -> next data queued (the ACK's loop)", whole)
         row("IN request queued by the phone -> given back", out_bus)
     # Who ran: the share of switches-in per command (a rough picture of the wake-ups), and how
-    # long each woken task waited for a CPU (woken -> switched in) while the other CPU idled.
+    # long each woken task waited for a CPU (woken -> switched in), by where it was sent: onto an
+    # idle CPU (the emulated CPU comes out of its halt: the host must run its thread again),
+    # onto a busy CPU while the other idled (the scheduler's placement), or with both busy.
+    # A wake-up aimed at another CPU is stamped there, when that CPU takes the request
+    # (`ttwu_queue`): the time the request took to arrive is not in these waits, it is in
+    # "woken" of the sender's reaction below.
     ins = defaultdict(int)
     waits = defaultdict(list)
+    wait_kind = defaultdict(lambda: defaultdict(int))
     woken = {}
-    idle_cpus = set()
-    idle_waits = defaultdict(int)
+    running = {}  # CPU -> pid running there ("0": idle)
+    wakeups = defaultdict(list)  # comm -> stamps of its wake-ups
+    switched_in = defaultdict(list)  # comm -> stamps of its switches in
     for e in tr:
+        if e["what"] == "sched_switch" and "next_pid" in e:
+            running[e["cpu"]] = e["next_pid"]
         if not t0 <= e["t"] <= t1:
             continue
         if e["what"] == "sched_wakeup":
-            w = re.search(r"comm=(\S+) pid=(\d+)", e.get("raw", ""))
+            w = re.search(r"comm=(\S+) pid=(\d+).*target_cpu=(\d+)", e.get("raw", ""))
             if w:
-                woken.setdefault(w.group(2), (e["t"], w.group(1), bool(idle_cpus)))
+                target = str(int(w.group(3))).zfill(len(e["cpu"]))
+                others = [c for c in running if c != target]
+                if running.get(target, "0") == "0":
+                    kind = "onto an idle CPU"
+                elif any(running[c] == "0" for c in others):
+                    kind = "behind a task with the other CPU idle"
+                else:
+                    kind = "with both CPUs busy"
+                woken.setdefault(w.group(2), (e["t"], w.group(1), kind))
+                wakeups[w.group(1)].append(e["t"])
         elif e["what"] == "sched_switch":
             name = re.sub(r"/\d+$", "", e.get("next", "?"))
             ins[name] += 1
+            switched_in[name].append(e["t"])
             if e.get("next_pid") in woken:
-                t, comm, idle = woken.pop(e["next_pid"])
+                t, comm, kind = woken.pop(e["next_pid"])
                 waits[comm].append(e["t"] - t)
-                if idle:
-                    idle_waits[comm] += e["t"] - t
-            if e.get("next_pid") == "0":
-                idle_cpus.add(e["cpu"])
-            else:
-                idle_cpus.discard(e["cpu"])
+                wait_kind[comm][kind] += e["t"] - t
     # System calls of the daemon's and the phone's threads (the guest traces only theirs):
     # count and time inside the kernel per call, over the transfer.
     calls = defaultdict(lambda: defaultdict(list))
@@ -318,10 +335,50 @@ def analyse(daemon, direction, run):
                   f"{SYSCALLS.get(n, n)} {len(v)}×{median(v):.0f}" for n, v in top_calls))
     top = sorted(ins.items(), key=lambda x: -x[1])[:8]
     print("   switches in, per command: " + ", ".join(f"{c} {n}" for c, n in top))
+    # The sender's reaction to an ACK, split: until its thread is woken (the completion's
+    # wake-up, sent to another CPU, arriving), until it runs, and its own work until the next
+    # data (the reads of the client among it). The sender's thread is the one whose system call
+    # submitted that data.
+    enters = [(e["t"], e["comm"], e["raw"]) for e in tr if e["what"] == "sys_enter"]
+    exits = {}
+    for e in tr:
+        if e["what"] == "sys_exit":
+            exits.setdefault(e["comm"], []).append(e["t"])
+    split = defaultdict(list)
+    who = defaultdict(int)
+    for got, nxt in reactions:
+        before = [x for x in enters if x[0] <= nxt]
+        if not before:
+            continue
+        comm = before[-1][1]
+        who[comm] += 1
+        w = next((t for t in wakeups.get(comm, []) if got <= t <= nxt), None)
+        r = next((t for t in switched_in.get(comm, []) if w is not None and w <= t <= nxt), None)
+        if w is None or r is None:
+            split["awake already: ACK -> next data"].append(nxt - got)
+            continue
+        split["ACK -> thread woken"].append(w - got)
+        split["woken -> running"].append(r - w)
+        split["running -> next data"].append(nxt - r)
+        reads = 0
+        for t, c, raw in enters:
+            if c == comm and r <= t <= nxt and re.match(r"NR (0|45|17|19|47) ", raw):
+                out = next((x for x in exits.get(comm, []) if x >= t), t)
+                reads += min(out, nxt) - t
+        split["  of which in read or recvfrom"].append(reads)
+    if split:
+        sender = max(who, key=who.get)
+        print(f"   the sender's reaction ({sender}; {len(split['ACK -> thread woken'])} asleep at the ACK, "
+              f"{len(split['awake already: ACK -> next data'])} awake):")
+        for name in ("ACK -> thread woken", "woken -> running", "running -> next data",
+                     "  of which in read or recvfrom", "awake already: ACK -> next data"):
+            if split[name]:
+                row("  " + name, split[name])
     for comm, xs in sorted(waits.items(), key=lambda x: -sum(x[1]))[:5]:
+        kinds = ", ".join(f"{v / 1000:.1f} ms {k}" for k, v in
+                          sorted(wait_kind[comm].items(), key=lambda x: -x[1]))
         print(f"   {comm:<16} waited for a CPU {sum(xs) / 1000:6.1f} ms in all ({100 * sum(xs) / span:.0f} % of "
-              f"the transfer; {idle_waits[comm] / 1000:.1f} ms of it with a CPU idle), "
-              f"median {median(xs):.0f} µs, p90 {pct(xs, 0.9):.0f}, n={len(xs)}")
+              f"the transfer: {kinds}), median {median(xs):.0f} µs, p90 {pct(xs, 0.9):.0f}, n={len(xs)}")
 
 
 def main():
