@@ -796,6 +796,37 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize, const RX: usize> Ses
         self.poll_transmit_inner(now, buf, Some(source))
     }
 
+    /// [`Session::poll_transmit_with`] for connection `id` alone: its next packet (data, an
+    /// ACK, its RST), or `Ok(None)` when it has none or the handle is stale — never another
+    /// connection's packet nor a session-level one. Why: an application that read a
+    /// connection's next payload ahead of time, while the peer's window was closed, into the
+    /// [`Session::payload_area`] of a transfer buffer it set aside must have exactly that
+    /// connection's packet built around it (its `source` then just reports the bytes already
+    /// in place); anything else built there would overwrite them.
+    pub fn poll_transmit_for_with(
+        &mut self,
+        now: Instant,
+        id: ConnId,
+        buf: &mut [u8],
+        source: &mut dyn FnMut(ConnId, &mut [u8]) -> usize,
+    ) -> Result<Option<Transmit>, InsufficientSize> {
+        let r = self.inner.poll_transmit_for(now, id, buf, source);
+        if let Some(hl) = self.inner.new_header_len.take() {
+            self.reasm.set_header_len(hl);
+        }
+        r
+    }
+
+    /// Where, in a buffer of `buf_len` bytes, [`Session::poll_transmit_with`] puts the payload
+    /// of a data packet when the peer's window allows a whole one: behind the mux and TCP
+    /// headers, as long as the packet size allows (one byte shorter where the packet would
+    /// otherwise need a ZLP). `None` before the handshake is done (the header size is not
+    /// known yet) or when the buffer cannot hold the headers. A source given a `dst` in this
+    /// buffer gets a prefix of this range, starting at its start.
+    pub fn payload_area(&self, buf_len: usize) -> Option<core::ops::Range<usize>> {
+        self.inner.payload_area(buf_len)
+    }
+
     fn poll_transmit_inner(
         &mut self,
         now: Instant,
@@ -1434,50 +1465,95 @@ impl<R: Role, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> Inner<R, B, N> {
         }
 
         // Connections, round robin so one busy connection cannot starve the others.
+        let live = self.live;
+        for k in 0..live {
+            let i = (self.cursor + k) % live;
+            if let Some(t) = self.dispatch_slot(now, i, buf, source.as_mut())? {
+                self.cursor = (i + 1) % live;
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next packet of the connection in slot `i` (if it is active and has one), built in
+    /// `buf` behind the mux header: `poll_transmit`'s step per connection.
+    fn dispatch_slot(
+        &mut self,
+        now: Instant,
+        i: usize,
+        buf: &mut [u8],
+        source: Option<&mut Source<'_>>,
+    ) -> Result<Option<Transmit>, InsufficientSize> {
+        let hl = self.tx_kind.header_len();
         let max_payload = self
             .cfg
             .max_transfer
             .saturating_sub(hl + wire::tcp::HEADER_LEN);
         let cfg = self.cfg.conn;
-        let live = self.live;
-        for k in 0..live {
-            let i = (self.cursor + k) % live;
-            let Slot::Active(c) = &mut self.slots[i] else {
-                continue;
-            };
-            let Some(out) = buf.get_mut(hl..) else {
-                if c.wants_transmit(max_payload) {
-                    return Err(InsufficientSize {
-                        required: hl + wire::tcp::HEADER_LEN,
-                    });
-                }
-                continue;
-            };
-            let id = ConnId::new(i, self.gens[i]);
-            let mut for_conn = source.as_mut().map(|s| move |dst: &mut [u8]| s(id, dst));
-            match c.dispatch(
-                now,
-                out,
-                max_payload,
-                (hl, usize::from(self.cfg.usb_packet_size)),
-                &cfg,
-                for_conn.as_mut().map(|f| f as tcp::Fill<'_>),
-            ) {
-                Ok(Some(n)) => {
-                    self.maybe_conn_events = true;
-                    self.cursor = (i + 1) % live;
-                    let total = self.emit_header(buf, Protocol::Tcp, n);
-                    return Ok(self.transmit(total));
-                }
-                Ok(None) => {}
-                Err(required) => {
-                    return Err(InsufficientSize {
-                        required: hl + required,
-                    })
-                }
+        let Some(Slot::Active(c)) = self.slots.get_mut(i) else {
+            return Ok(None);
+        };
+        let Some(out) = buf.get_mut(hl..) else {
+            if c.wants_transmit(max_payload) {
+                return Err(InsufficientSize {
+                    required: hl + wire::tcp::HEADER_LEN,
+                });
             }
+            return Ok(None);
+        };
+        let id = ConnId::new(i, self.gens[i]);
+        let mut for_conn = source.map(|s| move |dst: &mut [u8]| s(id, dst));
+        match c.dispatch(
+            now,
+            out,
+            max_payload,
+            (hl, usize::from(self.cfg.usb_packet_size)),
+            &cfg,
+            for_conn.as_mut().map(|f| f as tcp::Fill<'_>),
+        ) {
+            Ok(Some(n)) => {
+                self.maybe_conn_events = true;
+                let total = self.emit_header(buf, Protocol::Tcp, n);
+                Ok(self.transmit(total))
+            }
+            Ok(None) => Ok(None),
+            Err(required) => Err(InsufficientSize {
+                required: hl + required,
+            }),
         }
-        Ok(None)
+    }
+
+    /// `Session::poll_transmit_for_with`: connection `id`'s next packet only.
+    fn poll_transmit_for(
+        &mut self,
+        now: Instant,
+        id: ConnId,
+        buf: &mut [u8],
+        source: Source<'_>,
+    ) -> Result<Option<Transmit>, InsufficientSize> {
+        if self.phase != Phase::Active || !self.valid(id) {
+            return Ok(None);
+        }
+        let limit = buf.len().min(self.cfg.max_transfer);
+        let mut source = source;
+        self.dispatch_slot(now, id.index(), &mut buf[..limit], Some(&mut source))
+    }
+
+    /// `Session::payload_area`.
+    fn payload_area(&self, buf_len: usize) -> Option<core::ops::Range<usize>> {
+        if self.phase != Phase::Active {
+            return None;
+        }
+        let start = self.tx_kind.header_len() + wire::tcp::HEADER_LEN;
+        let end = buf_len.min(self.cfg.max_transfer);
+        let mut len = end.checked_sub(start)?;
+        // The same cut as `dispatch`'s for more data to follow: no packet that needs a ZLP.
+        let mps = usize::from(self.cfg.usb_packet_size);
+        if len > 1 && mps > 0 && (start + len).is_multiple_of(mps) {
+            len -= 1;
+        }
+        Some(start..start + len)
     }
 
     fn poll_event(&mut self) -> Option<Event> {

@@ -183,6 +183,8 @@ struct World {
     buf: Vec<u8>,
     /// How many more bytes the host application takes straight from transfers.
     sink_budget: usize,
+    /// Calls of `pump` so far.
+    rounds: u64,
 }
 
 impl World {
@@ -222,6 +224,15 @@ impl World {
     /// whether anything was sent.
     fn pump(&mut self) -> bool {
         let mut moved = false;
+        // Every other round each connection's packets are built on their own first
+        // (`poll_transmit_for_with`, as the daemon sends bytes it read ahead), then the rest
+        // as usual: the stream checks hold either way.
+        self.rounds += 1;
+        let ids: Vec<Option<ConnId>> = if self.rounds % 2 == 0 {
+            self.conns.iter().map(|c| Some(c.host)).collect()
+        } else {
+            Vec::new()
+        };
         // The host's pending bytes (see `Stream::pending`), served in place when asked.
         let conns = &mut self.conns;
         let mut source = |id: ConnId, dst: &mut [u8]| -> usize {
@@ -238,11 +249,17 @@ impl World {
             s.pending -= m as u64;
             m
         };
-        for _ in 0..32 {
-            match self
-                .host
-                .poll_transmit_with(self.now, &mut self.buf, &mut source)
-            {
+        for one in ids.into_iter().chain(std::iter::repeat(None)).take(32) {
+            let built = match one {
+                Some(id) => self
+                    .host
+                    .poll_transmit_for_with(self.now, id, &mut self.buf, &mut source),
+                None => self
+                    .host
+                    .poll_transmit_with(self.now, &mut self.buf, &mut source),
+            };
+            match built {
+                Ok(None) if one.is_some() => continue,
                 Ok(Some(t)) => {
                     let pkt = &self.buf[..t.len];
                     show("host sends", self.host.version(), pkt);
@@ -345,6 +362,7 @@ fuzz_target!(|data: &[u8]| {
         dev_edges: Edges::default(),
         buf: vec![0u8; 65536],
         sink_budget: 0,
+        rounds: 0,
     };
     let mut next_tag = 0usize;
     let mut scratch = vec![0u8; 65536];

@@ -114,6 +114,30 @@ pub trait Link: Send {
         ))
     }
 
+    /// Sets aside one of the link's OUT transfer buffers for the caller (`None` when the link
+    /// lends none, or cannot spare one now: it keeps at least one other for everything else).
+    /// [`Link::out_buffer`] and [`Link::send`] leave it alone until [`Link::send_held`] or
+    /// [`Link::release_held`]; asking again returns the same buffer, contents unchanged. Why:
+    /// the device thread reads a client's next bytes into it while the phone's window is
+    /// closed, so the ACK that opens the window finds the packet's payload already in place
+    /// (the client read was a tenth of the round trip in the VM harness). The default holds
+    /// none.
+    fn hold_out_buffer(&mut self) -> Option<&mut [u8]> {
+        None
+    }
+
+    /// Sends the first `len` bytes of the held buffer as one OUT transfer (then a ZLP if
+    /// `zlp`), in order after everything sent before; the buffer is no longer held.
+    fn send_held(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        let _ = (now, len, zlp);
+        Err(LinkError::Protocol(
+            "send_held without a held buffer".into(),
+        ))
+    }
+
+    /// Gives the held buffer back unsent (its bytes are dropped). Harmless when none is held.
+    fn release_held(&mut self) {}
+
     /// Registers, with `token`, the event sources the device thread must watch for this link;
     /// when one fires, the device thread calls [`Link::handle_ready`]. Called once, right after
     /// [`Link::start`]. Default: none — the link wakes the device thread through `start`'s

@@ -3,18 +3,95 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use usbmux_core::SessionConfig;
+use usbmux_core::{Instant, SessionConfig};
 use usbmux_host::daemon::device::{DeviceCmd, DeviceNote, DeviceThread};
 use usbmux_host::daemon::sim::SimLink;
 use usbmux_host::daemon::stream::ClientStream;
+use usbmux_host::link::{DeviceIdentity, Link, LinkError};
 use usbmux_sim::PhoneConfig;
 
+/// What the device thread did with the link's held buffer.
+#[derive(Default)]
+struct Held {
+    /// A buffer is held now (bytes read ahead wait in it).
+    now: AtomicBool,
+    /// Packets sent from it.
+    sent: AtomicUsize,
+}
+
+/// The simulated phone's link, watched: every call goes to it; the held buffer's use is
+/// counted, and a send or an in-place build while a buffer is held is checked not to be it.
+struct Watched {
+    inner: SimLink,
+    held: Arc<Held>,
+}
+
+impl Link for Watched {
+    fn identity(&self) -> &DeviceIdentity {
+        self.inner.identity()
+    }
+    fn start(&mut self, waker: Arc<mio::Waker>) -> Result<(), LinkError> {
+        self.inner.start(waker)
+    }
+    fn send(&mut self, now: Instant, transfer: &[u8], zlp: bool) -> Result<(), LinkError> {
+        self.inner.send(now, transfer, zlp)
+    }
+    fn recv(&mut self, now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError> {
+        self.inner.recv(now, buf)
+    }
+    fn lends_out_buffers(&self) -> bool {
+        self.inner.lends_out_buffers()
+    }
+    fn out_buffer(&mut self) -> Option<&mut [u8]> {
+        self.inner.out_buffer()
+    }
+    fn send_out_buffer(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        self.inner.send_out_buffer(now, len, zlp)
+    }
+    fn hold_out_buffer(&mut self) -> Option<&mut [u8]> {
+        self.held.now.store(true, Ordering::SeqCst);
+        self.inner.hold_out_buffer()
+    }
+    fn send_held(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        self.held.now.store(false, Ordering::SeqCst);
+        self.held.sent.fetch_add(1, Ordering::SeqCst);
+        self.inner.send_held(now, len, zlp)
+    }
+    fn release_held(&mut self) {
+        self.held.now.store(false, Ordering::SeqCst);
+        self.inner.release_held();
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.inner.handle_timeout(now);
+    }
+    fn end_turn(&mut self) {
+        self.inner.end_turn();
+    }
+}
+
 fn start() -> (DeviceThread, mpsc::Receiver<DeviceNote>) {
+    start_with(Box::new(SimLink::new(PhoneConfig::simulated(1))))
+}
+
+/// The device thread on the watched simulated phone.
+fn start_watched() -> (DeviceThread, Arc<Held>) {
+    let held = Arc::new(Held::default());
+    let link = Watched {
+        inner: SimLink::new(PhoneConfig::simulated(1)),
+        held: Arc::clone(&held),
+    };
+    (start_with(Box::new(link)).0, held)
+}
+
+fn start_with(link: Box<dyn Link>) -> (DeviceThread, mpsc::Receiver<DeviceNote>) {
     let (tx, rx) = mpsc::channel();
-    let link = Box::new(SimLink::new(PhoneConfig::simulated(1)));
     let t = DeviceThread::spawn(
         7,
         link,
@@ -66,6 +143,83 @@ fn echo_through_the_device_thread_is_byte_exact() {
     let back = read_exact(&mut c, data.len());
     w.join().expect("writer");
     assert!(back == data);
+    t.stop();
+}
+
+/// A pattern that shows loss, repetition and reordering.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+/// Waits (bounded) until `f` holds.
+fn until(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn bytes_read_ahead_while_the_window_is_closed_arrive_once_in_order() {
+    let (t, held) = start_watched();
+    let mut c = connect(&t, 7);
+    assert_eq!(read_exact(&mut c, 3), b"OK!");
+    // The client writes without reading the echo: the daemon's buffers towards it fill, the
+    // phone stops echoing and reading, its window closes, and the next bytes are read ahead;
+    // windows open and close again and again on the way.
+    let data = pattern(6 << 20, 3);
+    let mut writer = c.try_clone().expect("clone");
+    let d2 = data.clone();
+    let w = std::thread::spawn(move || writer.write_all(&d2).expect("write"));
+    assert!(
+        until(|| held.sent.load(Ordering::SeqCst) >= 1),
+        "nothing read ahead and sent"
+    );
+    let back = read_exact(&mut c, data.len());
+    w.join().expect("writer");
+    assert!(back == data, "bytes lost, repeated or reordered");
+    t.stop();
+}
+
+/// The phone's source service never reads what it is sent: its window closes for good after
+/// 128 KiB, so a client that writes more has its next bytes read ahead, and they wait.
+fn blocked_for_good(t: &DeviceThread, held: &Held) -> UnixStream {
+    let mut a = connect(t, 19);
+    assert_eq!(read_exact(&mut a, 3), b"OK!");
+    let mut writer = a.try_clone().expect("clone");
+    // Blocks once everything is full; fails once the test ends the connection.
+    std::thread::spawn(move || {
+        let _ = writer.write_all(&vec![7u8; 1 << 20]);
+    });
+    assert!(
+        until(|| held.now.load(Ordering::SeqCst)),
+        "nothing read ahead"
+    );
+    a
+}
+
+#[test]
+fn a_connection_with_bytes_read_ahead_holds_up_no_other() {
+    let (t, held) = start_watched();
+    let _a = blocked_for_good(&t, &held);
+    // While A's bytes wait in the held buffer, B moves 2 MiB each way, byte-exact.
+    let mut b = connect(&t, 7);
+    assert_eq!(read_exact(&mut b, 3), b"OK!");
+    let data_b = pattern(2 << 20, 9);
+    let mut writer_b = b.try_clone().expect("clone");
+    let d2b = data_b.clone();
+    let wb = std::thread::spawn(move || writer_b.write_all(&d2b).expect("write"));
+    let back_b = read_exact(&mut b, data_b.len());
+    wb.join().expect("writer");
+    assert!(back_b == data_b, "B: bytes lost, repeated or reordered");
+    // A's bytes still wait: nothing was built in their buffer, nothing sent from it.
+    assert!(held.now.load(Ordering::SeqCst));
+    assert_eq!(held.sent.load(Ordering::SeqCst), 0);
     t.stop();
 }
 

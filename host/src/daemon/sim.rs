@@ -26,6 +26,9 @@ pub struct SimLink {
     /// transfers: the device thread then reads client sockets straight into it, so the
     /// in-process phone runs the same data path as a USB one.
     out: Vec<u8>,
+    /// The buffer set aside by [`Link::hold_out_buffer`] and whether it is held now.
+    held: Vec<u8>,
+    holding: bool,
 }
 
 impl SimLink {
@@ -44,6 +47,8 @@ impl SimLink {
             phone: CabledPhone::new(cfg),
             identity,
             out: vec![0; usbmux_core::usb::MAX_PACKET],
+            held: Vec::new(),
+            holding: false,
         }
     }
 }
@@ -85,6 +90,35 @@ impl Link for SimLink {
             self.phone.host_write_zlp(now);
         }
         Ok(())
+    }
+
+    fn hold_out_buffer(&mut self) -> Option<&mut [u8]> {
+        if !self.holding {
+            self.held.resize(usbmux_core::usb::MAX_PACKET, 0);
+            self.holding = true;
+        }
+        Some(&mut self.held)
+    }
+
+    fn send_held(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        let transfer = match self.held.get(..len) {
+            Some(t) if self.holding => t,
+            _ => {
+                return Err(LinkError::Protocol(format!(
+                    "send_held of {len} bytes without a held buffer that large"
+                )))
+            }
+        };
+        self.holding = false;
+        self.phone.host_write(now, transfer);
+        if zlp {
+            self.phone.host_write_zlp(now);
+        }
+        Ok(())
+    }
+
+    fn release_held(&mut self) {
+        self.holding = false;
     }
 
     fn recv(&mut self, now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError> {

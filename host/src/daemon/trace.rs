@@ -163,6 +163,24 @@ impl Link for Traced {
         self.inner.send_out_buffer(now, len, zlp)
     }
 
+    fn hold_out_buffer(&mut self) -> Option<&mut [u8]> {
+        self.inner.hold_out_buffer()
+    }
+
+    fn send_held(&mut self, now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        // As `send_out_buffer`: asking again returns the held buffer unchanged.
+        let packet = self
+            .inner
+            .hold_out_buffer()
+            .map(|buf| buf.get(..len).unwrap_or(buf));
+        self.trace.record_out(self.phone, packet, zlp);
+        self.inner.send_held(now, len, zlp)
+    }
+
+    fn release_held(&mut self) {
+        self.inner.release_held();
+    }
+
     fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> std::io::Result<()> {
         self.inner.register(registry, token)
     }

@@ -186,6 +186,8 @@ pub(crate) struct AsyncWriter {
     cancel_wait: Duration,
     /// A free slot handed out by [`AsyncWriter::reserve`] and not submitted yet.
     reserved: Option<usize>,
+    /// A slot set aside by [`AsyncWriter::hold`]: `reserve` and `send` leave it alone.
+    held: Option<usize>,
     started: bool,
     closed: bool,
 }
@@ -205,6 +207,7 @@ impl AsyncWriter {
             drain_wait: DRAIN_WAIT,
             cancel_wait: CANCEL_WAIT,
             reserved: None,
+            held: None,
             started: false,
             closed: false,
         }
@@ -255,7 +258,52 @@ impl AsyncWriter {
     /// Submits the first `len` bytes of the buffer [`AsyncWriter::reserve`] returned as one
     /// transfer (plus its ZLP when `zlp`).
     pub(crate) fn submit_reserved(&mut self, len: usize, zlp: bool) -> Result<(), Fault> {
-        let Some(slot) = self.reserved.take() else {
+        let slot = self.reserved.take();
+        self.submit_set_aside(slot, len, zlp)
+    }
+
+    /// A free slot's buffer set aside for the caller until [`AsyncWriter::submit_held`] or
+    /// [`AsyncWriter::release_held`]: `reserve` and `send` do not touch it, and asking again
+    /// returns it unchanged. `None` when the link has failed or is closing, or when taking it
+    /// would leave no free slot for everything else.
+    pub(crate) fn hold(&mut self) -> Option<&mut [u8]> {
+        if self.held.is_none() {
+            let mut s = self.completions.tracker.lock();
+            if s.fault.is_some() || s.closing || !self.started {
+                return None;
+            }
+            // One slot stays for the other packets: the reserved one, or a free one.
+            if s.slots.free.len() + usize::from(self.reserved.is_some()) < 2 {
+                return None;
+            }
+            self.held = Some(s.slots.free.pop_back()?);
+        }
+        let slot = self.held?;
+        Some(self.pool.buffer(slot))
+    }
+
+    /// Submits the first `len` bytes of the held buffer as one transfer (plus its ZLP when
+    /// `zlp`), after everything submitted before.
+    pub(crate) fn submit_held(&mut self, len: usize, zlp: bool) -> Result<(), Fault> {
+        let slot = self.held.take();
+        self.submit_set_aside(slot, len, zlp)
+    }
+
+    /// Gives the held slot back unsent.
+    pub(crate) fn release_held(&mut self) {
+        if let Some(slot) = self.held.take() {
+            self.completions.tracker.lock().slots.free.push_back(slot);
+        }
+    }
+
+    /// Submits a slot taken from the free list earlier (reserved or held).
+    fn submit_set_aside(
+        &mut self,
+        slot: Option<usize>,
+        len: usize,
+        zlp: bool,
+    ) -> Result<(), Fault> {
+        let Some(slot) = slot else {
             return Err(Fault::Usb {
                 what: "bulk OUT",
                 error: rusb::Error::InvalidParam,
@@ -354,7 +402,10 @@ impl AsyncWriter {
         {
             let mut s = tracker.lock();
             s.closing = true;
-            if let Some(slot) = self.reserved.take() {
+            for slot in [self.reserved.take(), self.held.take()]
+                .into_iter()
+                .flatten()
+            {
                 s.slots.free.push_front(slot);
             }
         }
@@ -723,6 +774,47 @@ mod tests {
         assert_eq!(r.writer.send(b"a", false), Err(Fault::Disconnected));
         assert!(r.idle());
         assert_eq!(r.writer.send(b"b", false), Err(Fault::Disconnected));
+    }
+
+    #[test]
+    fn a_held_buffer_is_untouched_by_sends_and_in_place_builds_until_it_goes() {
+        let mut r = rig(3, Duration::from_secs(1));
+        r.writer.hold().expect("held")[..4].copy_from_slice(b"late");
+        // Sends and in-place builds use the other two slots and never the held one.
+        r.writer.reserve().expect("reserved")[..1].copy_from_slice(b"a");
+        r.writer.submit_reserved(1, false).unwrap();
+        r.writer.send(b"b", false).unwrap();
+        // No slot left to spare: a send would wait for a completion, not take the held one.
+        assert!(r.writer.reserve().is_none());
+        assert_eq!(r.writer.hold().expect("the same")[..4], *b"late");
+        r.writer.submit_held(4, false).unwrap();
+        assert!(r.writer.hold().is_none(), "held the last free slot");
+        let order: Vec<Vec<u8>> = r
+            .bus
+            .lock()
+            .unwrap()
+            .submissions
+            .iter()
+            .map(|s| s.1.clone())
+            .collect();
+        assert_eq!(order, [b"a".to_vec(), b"b".to_vec(), b"late".to_vec()]);
+        // Released unsent, a held slot is free again; one is never held while it is the only
+        // one left for everything else.
+        r.complete(None);
+        r.complete(None);
+        assert!(r.writer.hold().is_some());
+        r.writer.release_held();
+        r.writer.send(b"c", false).unwrap();
+        r.writer.send(b"d", false).unwrap();
+        assert!(r.writer.hold().is_none());
+        // A slot held at close is not submitted, and the writer ends idle.
+        r.complete(None);
+        r.complete(None);
+        assert!(r.writer.hold().is_some());
+        r.writer.close();
+        assert!(r.idle());
+        assert_eq!(r.bus.lock().unwrap().submissions.len(), 5);
+        assert!(r.writer.hold().is_none());
     }
 
     #[test]

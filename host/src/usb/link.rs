@@ -817,6 +817,25 @@ impl Link for UsbLink {
         }
     }
 
+    fn hold_out_buffer(&mut self) -> Option<&mut [u8]> {
+        self.async_out.as_mut()?.hold()
+    }
+
+    fn send_held(&mut self, _now: Instant, len: usize, zlp: bool) -> Result<(), LinkError> {
+        match &mut self.async_out {
+            Some(writer) => writer.submit_held(len, zlp).map_err(LinkError::from),
+            None => Err(LinkError::Protocol(
+                "send_held without a held buffer".into(),
+            )),
+        }
+    }
+
+    fn release_held(&mut self) {
+        if let Some(writer) = &mut self.async_out {
+            writer.release_held();
+        }
+    }
+
     fn recv(&mut self, _now: Instant, buf: &mut [u8]) -> Result<Option<usize>, LinkError> {
         let shared = &*self.shared;
         let out_fault = self.async_out.as_ref().and_then(|w| w.fault());
