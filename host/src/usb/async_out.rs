@@ -245,14 +245,29 @@ impl AsyncWriter {
     /// `send`) uses it, so asking again returns the same buffer.
     pub(crate) fn reserve(&mut self) -> Option<&mut [u8]> {
         if self.reserved.is_none() {
-            let mut s = self.completions.tracker.lock();
-            if s.fault.is_some() || s.closing || !self.started {
-                return None;
-            }
-            self.reserved = Some(s.slots.free.pop_front()?);
+            self.reserved = self.take_free(1);
         }
         let slot = self.reserved?;
         Some(self.pool.buffer(slot))
+    }
+
+    /// A free slot for `reserve` (`keep` 1: any) or `hold` (`keep` 2: one must stay for the
+    /// other packets, the reserved slot or a free one); `None` too once the link has failed
+    /// or is closing. The reserved slot comes from the front of the free list (the oldest
+    /// freed), the held one from the back.
+    fn take_free(&mut self, keep: usize) -> Option<usize> {
+        let mut s = self.completions.tracker.lock();
+        if s.fault.is_some() || s.closing || !self.started {
+            return None;
+        }
+        if s.slots.free.len() + usize::from(self.reserved.is_some()) < keep {
+            return None;
+        }
+        if keep == 1 {
+            s.slots.free.pop_front()
+        } else {
+            s.slots.free.pop_back()
+        }
     }
 
     /// Submits the first `len` bytes of the buffer [`AsyncWriter::reserve`] returned as one
@@ -268,15 +283,7 @@ impl AsyncWriter {
     /// would leave no free slot for everything else.
     pub(crate) fn hold(&mut self) -> Option<&mut [u8]> {
         if self.held.is_none() {
-            let mut s = self.completions.tracker.lock();
-            if s.fault.is_some() || s.closing || !self.started {
-                return None;
-            }
-            // One slot stays for the other packets: the reserved one, or a free one.
-            if s.slots.free.len() + usize::from(self.reserved.is_some()) < 2 {
-                return None;
-            }
-            self.held = Some(s.slots.free.pop_back()?);
+            self.held = self.take_free(2);
         }
         let slot = self.held?;
         Some(self.pool.buffer(slot))
