@@ -270,6 +270,34 @@ def analyse(daemon, direction, run):
         row("phone: ACK given back -> next data queued", phone)
         row("data completed -> next data queued (the ACK's loop)", whole)
         row("IN request queued by the phone -> given back", out_bus)
+        # Data moves only while the host has an IN transfer posted and the phone a request
+        # queued: how long each side had how many (usbmon's submissions and completions, the
+        # phone's requests of more than 64 bytes queued and given back).
+        steps = sorted([(e["t"], 0, 1 if e["kind"] == "S" else -1) for e in mon if e["ep"] == "Bi"]
+                       + [(e["t"], 1, 1 if e["what"] == "usb_ep_queue" else -1) for e in tr
+                          if e.get("ep") == "in" and e.get("length", 0) > 64
+                          and e["what"] in ("usb_ep_queue", "usb_gadget_giveback_request")])
+        # usbmon starts with transfers already posted: count from the lowest level reached.
+        level, lowest = 0, 0
+        for _, side, d in steps:
+            if side == 0:
+                level += d
+                lowest = min(lowest, level)
+        counts, last = [-lowest, 0], None
+        held = [defaultdict(int), defaultdict(int)]
+        both = 0
+        for t, side, d in steps:
+            if last is not None and t0 <= t <= t1:
+                dt = t - max(last, t0)
+                held[0][counts[0]] += dt
+                held[1][counts[1]] += dt
+                both += dt if counts[0] > 0 and counts[1] > 0 else 0
+            counts[side] += d
+            last = t
+        for name, h in (("host IN transfers posted", held[0]), ("phone IN requests queued", held[1])):
+            total = max(1, sum(h.values()))
+            print(f"   {name}: " + ", ".join(f"{k} for {100 * v / total:.0f} %" for k, v in sorted(h.items())))
+        print(f"   both at once (data can move): {100 * both / span:.0f} % of the time")
     # Who ran: the share of switches-in per command (a rough picture of the wake-ups), and how
     # long each woken task waited for a CPU (woken -> switched in), by where it was sent: onto an
     # idle CPU (the emulated CPU comes out of its halt: the host must run its thread again),
@@ -338,7 +366,7 @@ def analyse(daemon, direction, run):
     # The sender's reaction to an ACK, split: until its thread is woken (the completion's
     # wake-up, sent to another CPU, arriving), until it runs, and its own work until the next
     # data (the reads of the client among it). The sender's thread is the one whose system call
-    # submitted that data.
+    # submitted that data (the call in progress at the stamp).
     enters = [(e["t"], e["comm"], e["raw"]) for e in tr if e["what"] == "sys_enter"]
     exits = {}
     for e in tr:
@@ -347,10 +375,11 @@ def analyse(daemon, direction, run):
     split = defaultdict(list)
     who = defaultdict(int)
     for got, nxt in reactions:
-        before = [x for x in enters if x[0] <= nxt]
-        if not before:
+        # The system call the stamp fell in: the last one entered before it and not left yet.
+        comm = next((c for t, c, _ in reversed([x for x in enters if x[0] <= nxt])
+                     if next((x for x in exits.get(c, []) if x >= t), nxt) >= nxt), None)
+        if comm is None:
             continue
-        comm = before[-1][1]
         who[comm] += 1
         w = next((t for t in wakeups.get(comm, []) if got <= t <= nxt), None)
         r = next((t for t in switched_in.get(comm, []) if w is not None and w <= t <= nxt), None)
