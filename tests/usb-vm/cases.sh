@@ -240,9 +240,14 @@ timeline_daemons() {
             printf 'common_pid == %s || ' ${t##*/}
         done)
         echo "${filter% || }" > $T/events/raw_syscalls/filter
+        # Softirqs run on top of whichever task they interrupt and, without the kernel's irq
+        # time accounting (CONFIG_IRQ_TIME_ACCOUNTING is not set in Debian's kernel), count as
+        # that task's run time: dummy_hcd's timer, which moves every transfer's bytes, is one.
+        echo "${filter% || }" > $T/events/irq/softirq_entry/filter
+        echo "${filter% || }" > $T/events/irq/softirq_exit/filter
         for dir in up down; do
             echo > $T/trace
-            for e in gadget/usb_ep_queue gadget/usb_gadget_giveback_request sched/sched_switch sched/sched_wakeup raw_syscalls; do
+            for e in gadget/usb_ep_queue gadget/usb_gadget_giveback_request sched/sched_switch sched/sched_wakeup raw_syscalls irq/softirq_entry irq/softirq_exit; do
                 echo 1 > $T/events/$e/enable
             done
             cat /sys/kernel/debug/usb/usbmon/${bus}u > /tmp/usbmon.txt &

@@ -361,6 +361,36 @@ def analyse(daemon, direction, run):
         print(f"   {comm} system calls: {count} ({count * 1e6 / max(1, payload) * 1.048576:.0f} per MiB), "
               f"{total / 1000:.1f} ms inside: " + ", ".join(
                   f"{SYSCALLS.get(n, n)} {len(v)}×{median(v):.0f}" for n, v in top_calls))
+    # Time on a CPU of the traced tasks (the daemon's threads, the phone) over the transfer, and
+    # how much of it went to softirqs that interrupted them: those count as the task's run time
+    # (Debian's kernel has no irq time accounting), and dummy_hcd's timer (the HRTIMER softirq)
+    # moves every transfer's bytes in one — the emulated bus's work, not the task's.
+    traced = {e["pid"]: e["comm"] for e in tr if e["what"] in ("sys_enter", "softirq_entry")}
+    on_cpu, soft, soft_timer = defaultdict(int), defaultdict(int), defaultdict(int)
+    since, soft_since = {}, {}
+    for e in tr:
+        if e["what"] == "sched_switch":
+            prev = re.search(r"prev_pid=(\d+)", e["raw"])
+            if prev and prev.group(1) in since:
+                start = since.pop(prev.group(1))
+                on_cpu[traced[prev.group(1)]] += max(0, min(e["t"], t1) - max(start, t0))
+            if e.get("next_pid") in traced:
+                since[e["next_pid"]] = e["t"]
+        elif e["what"] == "softirq_entry" and e["pid"] in traced:
+            soft_since[e["pid"]] = (e["t"], "HRTIMER" in e["raw"])
+        elif e["what"] == "softirq_exit" and e["pid"] in soft_since:
+            start, timer = soft_since.pop(e["pid"])
+            d = max(0, min(e["t"], t1) - max(start, t0))
+            soft[traced[e["pid"]]] += d
+            if timer:
+                soft_timer[traced[e["pid"]]] += d
+    mib = max(1, payload) / 1048576
+    for comm in sorted(on_cpu):
+        if on_cpu[comm] and any(e["what"] == "softirq_entry" for e in tr):
+            own = on_cpu[comm] - soft[comm]
+            print(f"   {comm} on a CPU {on_cpu[comm] / 1000:.1f} ms, of which softirqs {soft[comm] / 1000:.1f} ms "
+                  f"(the hrtimer one, dummy_hcd's bus work among it: {soft_timer[comm] / 1000:.1f} ms); "
+                  f"its own {own / 1000:.1f} ms = {own / mib / 1000:.2f} ms per MiB")
     top = sorted(ins.items(), key=lambda x: -x[1])[:8]
     print("   switches in, per command: " + ", ".join(f"{c} {n}" for c, n in top))
     # The sender's reaction to an ACK, split: until its thread is woken (the completion's
