@@ -814,14 +814,13 @@ impl Device {
             }
         };
         self.ahead = None;
-        let rest = area.start + taken..area.start + ahead.len;
-        let mut unsent = Vec::new();
-        if taken > 0 && !rest.is_empty() {
-            unsent.extend_from_slice(&buf[rest]);
-        }
-        self.link
-            .send_held(now, t.len, t.zlp)
-            .map_err(|e| format!("link: {e}"))?;
+        // The rest goes to the send buffer straight from the held buffer, before that is
+        // submitted (and reused); the send buffer only goes out after this packet.
+        let unsent = if taken > 0 {
+            &buf[area.start + taken..area.start + ahead.len]
+        } else {
+            &[]
+        };
         let mut queued = 0;
         while queued < unsent.len() {
             match self.session.send(ahead.id, &unsent[queued..]) {
@@ -829,10 +828,14 @@ impl Device {
                 _ => break,
             }
         }
-        if queued < unsent.len() {
+        let (queued_all, had_rest) = (queued == unsent.len(), !unsent.is_empty());
+        self.link
+            .send_held(now, t.len, t.zlp)
+            .map_err(|e| format!("link: {e}"))?;
+        if !queued_all {
             // The send buffer is smaller than one packet (not with the daemon's sizes).
             self.reset_conn(ahead.id, "internal error: no room for bytes read ahead");
-        } else if !unsent.is_empty() {
+        } else if had_rest {
             // Its client probably has more: read ahead again when the window closes.
             self.ahead_next = Some(ahead.id);
         }
