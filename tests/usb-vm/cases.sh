@@ -514,6 +514,15 @@ else
     if [ "$BENCH" = 1 ]; then
         info "measurements: $REPS interleaved repetitions of: $DAEMONS"
         : > /tmp/bench.txt
+        # The kernel's trace events give each daemon's CPU also without the softirqs that ran
+        # on top of it (dummy_hcd's bus work among them; usb-vm-client's SoftirqMeter).
+        softirqs=
+        grep -q ' /sys/kernel/tracing ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing
+        if [ -w /sys/kernel/tracing/events/irq/softirq_entry/filter ]; then
+            softirqs="--softirqs /sys/kernel/tracing"
+        else
+            info "measurements: no tracefs, so no CPU figures without softirqs"
+        fi
         rep=1
         while [ $rep -le $REPS ]; do
             # Odd repetitions in the given order, even ones reversed: drift hits all alike.
@@ -530,7 +539,7 @@ else
                 sleep 1
                 if vmc_for 300 bench --udid $UDID1 --pid $DPID --daemon $d --rep $rep \
                     --up-mib $UP_MIB --down-mib $DOWN_MIB --par 8 \
-                    --par-up-mib $PAR_UP_MIB --par-down-mib $PAR_DOWN_MIB \
+                    --par-up-mib $PAR_UP_MIB --par-down-mib $PAR_DOWN_MIB $softirqs \
                     > /tmp/logs/bench-$d-$rep.log 2>&1; then
                     grep '^@@BENCH' /tmp/logs/bench-$d-$rep.log | tee -a /tmp/bench.txt
                 else

@@ -17,8 +17,9 @@
 //!   on a fresh connection; every byte must come back in order.
 //! - `drain TARGET [--port P] [--timeout S]`: reads until the connection ends and prints how it
 //!   ended; exit status 3 if it did not end within S seconds (an unplug must not leave it hanging).
-//! - `bench --udid U --pid PID --daemon NAME --rep N [sizes]`: the measurements of issue 7 for one
-//!   daemon, printed as one `@@BENCH key=value ...` line.
+//! - `bench --udid U --pid PID --daemon NAME --rep N [sizes] [--softirqs TRACEFS]`: the
+//!   measurements of issue 7 for one daemon, printed as one `@@BENCH key=value ...` line; with
+//!   `--softirqs`, the daemon's CPU also without the softirqs that ran on top of it.
 //! - `table FILE`: medians of the `@@BENCH` lines in FILE per daemon (`debian` and our variants),
 //!   and each of ours against Debian's.
 //!
@@ -482,6 +483,126 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
     Ok(ticks / hz)
 }
 
+/// The time softirqs ran on top of one process's threads, from the kernel's
+/// `irq/softirq_entry` and `irq/softirq_exit` trace events (`bench --softirqs TRACEFS`).
+///
+/// Why: a kernel without `CONFIG_IRQ_TIME_ACCOUNTING` (Debian's) counts a softirq as run time
+/// of whichever task it interrupted, in schedstat as in `/proc/PID/stat`. In the guest,
+/// dummy_hcd's timer — which moves every transfer's bytes between the host and the gadget —
+/// runs as one, so how much bus emulation lands on a daemon depends on whether it happens to be
+/// on that CPU when the timer fires, not on the daemon's own work. A kernel with irq time
+/// accounting (the option most distributions' kernels set) leaves softirqs out of a task's run
+/// time; this meter lets the harness print that figure beside the one it counts.
+struct SoftirqMeter {
+    /// The tracefs directory (`/sys/kernel/tracing` or `/sys/kernel/debug/tracing`).
+    dir: std::path::PathBuf,
+}
+
+/// The two events the meter enables (paths under tracefs's `events/`).
+const SOFTIRQ_EVENTS: [&str; 2] = ["irq/softirq_entry", "irq/softirq_exit"];
+
+impl SoftirqMeter {
+    /// Traces the softirqs that interrupt any thread `pid` has now (a daemon starts no thread
+    /// during a transfer), from an empty buffer.
+    fn start(dir: &str, pid: u32) -> Result<SoftirqMeter, String> {
+        let meter = SoftirqMeter { dir: dir.into() };
+        let tids = thread_run_times(pid).ok_or_else(|| format!("no threads of pid {pid}"))?;
+        let filter: Vec<String> = tids.keys().map(|t| format!("common_pid == {t}")).collect();
+        meter.write("tracing_on", "0")?;
+        // Per CPU; a 16 MiB transfer brings a few thousand events at most.
+        meter.write("buffer_size_kb", "8192")?;
+        for e in SOFTIRQ_EVENTS {
+            meter.write(&format!("events/{e}/filter"), &filter.join(" || "))?;
+            meter.write(&format!("events/{e}/enable"), "1")?;
+        }
+        meter.restart()?;
+        Ok(meter)
+    }
+
+    fn write(&self, file: &str, value: &str) -> Result<(), String> {
+        let path = self.dir.join(file);
+        std::fs::write(&path, format!("{value}\n")).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Empties the buffer and traces again.
+    fn restart(&self) -> Result<(), String> {
+        self.write("trace", "")?;
+        self.write("tracing_on", "1")
+    }
+
+    /// Seconds of softirqs on the process's threads since the last (re)start; traces again
+    /// from empty.
+    fn take(&self) -> Result<f64, String> {
+        self.write("tracing_on", "0")?;
+        let path = self.dir.join("trace");
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let secs = softirq_seconds(&text)?;
+        self.restart()?;
+        Ok(secs)
+    }
+}
+
+impl Drop for SoftirqMeter {
+    /// Leaves tracefs as the harness's other users expect it: events off, filters cleared.
+    fn drop(&mut self) {
+        let _ = self.write("tracing_on", "0");
+        for e in SOFTIRQ_EVENTS {
+            let _ = self.write(&format!("events/{e}/enable"), "0");
+            let _ = self.write(&format!("events/{e}/filter"), "0");
+        }
+        let _ = self.write("trace", "");
+    }
+}
+
+/// The summed length of the softirqs in a tracefs `trace` text: each `softirq_exit` minus the
+/// `softirq_entry` before it on the same CPU (softirqs do not nest on a CPU). A pair cut by
+/// the start or the end of tracing counts nothing; a buffer that lost events is an error, not
+/// a smaller figure.
+fn softirq_seconds(text: &str) -> Result<f64, String> {
+    let mut open: BTreeMap<u32, f64> = BTreeMap::new();
+    let mut total = 0.0;
+    for line in text.lines() {
+        if let Some(counts) = line.strip_prefix("# entries-in-buffer/entries-written:") {
+            let counts = counts.split_whitespace().next().unwrap_or("");
+            if let Some((kept, written)) = counts.split_once('/') {
+                if kept != written {
+                    return Err(format!(
+                        "the trace buffer lost events ({kept} of {written} kept)"
+                    ));
+                }
+            }
+            continue;
+        }
+        let (entry, head) = if let Some((head, _)) = line.split_once(": softirq_entry:") {
+            (true, head)
+        } else if let Some((head, _)) = line.split_once(": softirq_exit:") {
+            (false, head)
+        } else {
+            continue;
+        };
+        // `comm-pid [cpu] flags seconds`: the CPU is the last bracket (a command name may hold
+        // anything but the flags never hold one), the stamp the last word.
+        let cpu = head
+            .rsplit_once('[')
+            .and_then(|(_, r)| r.split_once(']'))
+            .and_then(|(c, _)| c.trim().parse::<u32>().ok());
+        let stamp = head
+            .split_whitespace()
+            .next_back()
+            .and_then(|t| t.parse::<f64>().ok());
+        let (Some(cpu), Some(stamp)) = (cpu, stamp) else {
+            return Err(format!("unreadable trace line: {line:?}"));
+        };
+        if entry {
+            open.insert(cpu, stamp);
+        } else if let Some(start) = open.remove(&cpu) {
+            total += (stamp - start).max(0.0);
+        }
+    }
+    Ok(total)
+}
+
 /// Peak resident set (VmHWM) of a process in KiB.
 fn peak_rss_kib(pid: u32) -> Result<u64, String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -603,24 +724,39 @@ fn cmd_bench(o: &Opts) -> Result<(), String> {
     let mut put = |k: &str, v: f64| out.push((k.to_string(), format!("{v:.3}")));
 
     // One connection each way, with the daemon's CPU time over each transfer.
+    // With `--softirqs`, also without the softirqs that ran on top of the daemon (see
+    // `SoftirqMeter`).
     let gib = (1u64 << 30) as f64;
+    let meter = match o.get("softirqs") {
+        Some(dir) => Some(SoftirqMeter::start(dir, pid)?),
+        None => None,
+    };
     let c0 = cpu_sample(pid)?;
     let t0 = Instant::now();
     upload(&target, up)?;
     let secs = t0.elapsed().as_secs_f64();
     let c1 = cpu_sample(pid)?;
+    let cpu = c0.seconds_until(&c1);
     put("up_mbs", up as f64 / secs / 1e6);
-    put("cpu_up_s_per_gib", c0.seconds_until(&c1) * gib / up as f64);
+    put("cpu_up_s_per_gib", cpu * gib / up as f64);
+    if let Some(m) = &meter {
+        put("cpu_up_own_s_per_gib", (cpu - m.take()?) * gib / up as f64);
+    }
 
     let t0 = Instant::now();
     download(&target, down)?;
     let secs = t0.elapsed().as_secs_f64();
     let c2 = cpu_sample(pid)?;
+    let cpu = c1.seconds_until(&c2);
     put("down_mbs", down as f64 / secs / 1e6);
-    put(
-        "cpu_down_s_per_gib",
-        c1.seconds_until(&c2) * gib / down as f64,
-    );
+    put("cpu_down_s_per_gib", cpu * gib / down as f64);
+    if let Some(m) = &meter {
+        put(
+            "cpu_down_own_s_per_gib",
+            (cpu - m.take()?) * gib / down as f64,
+        );
+    }
+    drop(meter);
 
     // `par` connections at once, each way.
     let each_up = par_up / par as u64;
@@ -675,6 +811,14 @@ const METRICS: &[(&str, &str)] = &[
     ("par_down_mbs", "device→host MB/s, 8 connections"),
     ("cpu_up_s_per_gib", "daemon CPU s/GiB host→device"),
     ("cpu_down_s_per_gib", "daemon CPU s/GiB device→host"),
+    (
+        "cpu_up_own_s_per_gib",
+        "daemon CPU s/GiB host→device, softirqs excluded",
+    ),
+    (
+        "cpu_down_own_s_per_gib",
+        "daemon CPU s/GiB device→host, softirqs excluded",
+    ),
     ("connect_ms", "Connect → first echo byte, p50 ms"),
     ("rtt_ms", "1-byte echo round trip, p50 ms"),
     ("rss_mib", "daemon peak RSS MiB"),
@@ -769,5 +913,42 @@ fn main() -> ExitCode {
             eprintln!("usb-vm-client {cmd}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::softirq_seconds;
+
+    /// Lines as Debian's 6.1 kernel writes them (the harness's timeline runs): pairs per CPU,
+    /// interleaved across CPUs, one cut by the start of tracing and one by its end.
+    #[test]
+    fn softirq_time_is_the_sum_of_each_cpus_pairs() {
+        let text = "\
+# tracer: nop
+#
+# entries-in-buffer/entries-written: 7/7   #P:2
+#
+     usb-watcher-703     [001] ..s1.    39.697600: softirq_exit: vec=8 [action=HRTIMER]
+     usb-watcher-703     [001] ..s1.    39.697692: softirq_entry: vec=8 [action=HRTIMER]
+         usbmuxd-700     [000] ..s..    39.697700: softirq_entry: vec=1 [action=TIMER]
+     usb-watcher-703     [001] ..s1.    39.697819: softirq_exit: vec=8 [action=HRTIMER]
+         usbmuxd-700     [000] ..s..    39.697750: softirq_exit: vec=1 [action=TIMER]
+  odd [name]-701     [001] ..s..    39.698133: softirq_entry: vec=8 [action=HRTIMER]
+  odd [name]-701     [001] ..s..    39.698233: softirq_exit: vec=8 [action=HRTIMER]
+     usb-watcher-703     [000] ..s1.    39.699000: softirq_entry: vec=8 [action=HRTIMER]
+";
+        let s = softirq_seconds(text).expect("readable");
+        assert!((s - (127e-6 + 50e-6 + 100e-6)).abs() < 1e-9, "{s}");
+    }
+
+    #[test]
+    fn a_buffer_that_lost_events_is_an_error() {
+        let text = "# entries-in-buffer/entries-written: 5/9   #P:2\n";
+        assert_eq!(
+            softirq_seconds(text),
+            Err("the trace buffer lost events (5 of 9 kept)".to_string())
+        );
+        assert!(softirq_seconds("  x-1 [000] ..s.. nonsense: softirq_exit: vec=8\n").is_err());
     }
 }
