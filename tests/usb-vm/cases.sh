@@ -86,6 +86,9 @@ plug_new() {
         threads) io=--threaded-io ;;
         blocking) io=--blocking-io ;;
     esac
+    # A gadget made anew (ensure_phone) must not find its predecessor's "bound" line: the
+    # background child truncates the log only once it runs, which may be after the first grep.
+    [ -e /tmp/logs/sim-$name.log ] && mv -f /tmp/logs/sim-$name.log /tmp/logs/sim-$name-before.log
     $SIM --functionfs /dev/ffs-$name --config $PHONES --phone $k --configfs $name -v $io "$@" \
         > /tmp/logs/sim-$name.log 2>&1 &
     eval "SIM_PID_$name=$!"
@@ -94,6 +97,10 @@ plug_new() {
         return 1
     fi
     eval "UDC_$name=\$(cat $CFG/$name/UDC)"
+    if eval "[ -z \"\$UDC_$name\" ]"; then
+        info "usbmux-sim for $name said it was bound, but its gadget names no UDC"
+        return 1
+    fi
     # The host side enumerates the device after the bind returned; then udev handles it.
     until_ok 20 usb_dir "$(printf '00008030-%016X' $k)" > /dev/null \
         || info "$name: no USB device with its serial after 20 s"
@@ -513,6 +520,8 @@ else
     # ------------------------------------------------------------ measurements
     if [ "$BENCH" = 1 ]; then
         info "measurements: $REPS interleaved repetitions of: $DAEMONS"
+        # What every wake-up and system call costs in this guest depends on these.
+        info "measurements: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource), meltdown: $(cat /sys/devices/system/cpu/vulnerabilities/meltdown), $(dmesg | grep -iE 'tsc|sched_clock' | head -n 4 | cut -c16- | tr '\n' '|')"
         : > /tmp/bench.txt
         # The kernel's trace events give each daemon's CPU also without the softirqs that ran
         # on top of it (dummy_hcd's bus work among them; usb-vm-client's SoftirqMeter).
