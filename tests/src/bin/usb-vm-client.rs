@@ -492,7 +492,7 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
 /// dummy_hcd's timer — which moves every transfer's bytes between the host and the gadget —
 /// runs as one, so how much bus emulation lands on a daemon depends on whether it happens to be
 /// on that CPU when the timer fires, not on the daemon's own work. A kernel with irq time
-/// accounting (the option most distributions' kernels set) leaves softirqs out of a task's run
+/// accounting (as many distributions' kernels are built) leaves softirqs out of a task's run
 /// time; this meter lets the harness print that figure beside the one it counts.
 struct SoftirqMeter {
     /// The tracefs directory (`/sys/kernel/tracing` or `/sys/kernel/debug/tracing`).
@@ -745,10 +745,10 @@ fn cmd_bench(o: &Opts) -> Result<(), String> {
     );
 
     // With `--softirqs`, one more transfer each way for the daemon's CPU without the softirqs
-    // that ran on top of it (`SoftirqMeter`). Separate transfers: recording the events slows
-    // the softirqs that land on the daemon, and with them the bus, so the figures above are
-    // taken untraced (one test, 5 repetitions each: ours host→device 75.3 MB/s and 6.84 CPU
-    // s/GiB traced, 83.5 and 6.21 untraced).
+    // that ran on top of it (`SoftirqMeter`). Separate transfers: every softirq of the guest
+    // builds an event before the filter drops it, which slows the bus, so the figures above
+    // are taken untraced (one test, 5 repetitions each: ours host→device 75.3 MB/s and 6.84
+    // CPU s/GiB traced, 83.5 and 6.21 untraced).
     if let Some(dir) = o.get("softirqs") {
         // (The traced transfers' own MB/s and CPU go into the line too, not into the table:
         // they tell how much the tracing weighed on each daemon.)
@@ -833,11 +833,11 @@ const METRICS: &[(&str, &str)] = &[
     ("cpu_down_s_per_gib", "daemon CPU s/GiB device→host"),
     (
         "cpu_up_own_s_per_gib",
-        "daemon CPU s/GiB host→device, softirqs excluded",
+        "daemon CPU s/GiB host→device, softirqs excluded (traced transfer)",
     ),
     (
         "cpu_down_own_s_per_gib",
-        "daemon CPU s/GiB device→host, softirqs excluded",
+        "daemon CPU s/GiB device→host, softirqs excluded (traced transfer)",
     ),
     ("connect_ms", "Connect → first echo byte, p50 ms"),
     ("rtt_ms", "1-byte echo round trip, p50 ms"),
