@@ -753,29 +753,24 @@ fn cmd_bench(o: &Opts) -> Result<(), String> {
         // (The traced transfers' own MB/s and CPU go into the line too, not into the table:
         // they tell how much the tracing weighed on each daemon.)
         let meter = SoftirqMeter::start(dir, pid)?;
-        let c0 = cpu_sample(pid)?;
-        let t0 = Instant::now();
-        upload(&target, up)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let c1 = cpu_sample(pid)?;
-        let cpu = c0.seconds_until(&c1);
-        put(
-            "cpu_up_own_s_per_gib",
-            (cpu - meter.take()?) * gib / up as f64,
-        );
-        put("traced_up_mbs", up as f64 / secs / 1e6);
-        put("traced_cpu_up_s_per_gib", cpu * gib / up as f64);
-        let t0 = Instant::now();
-        download(&target, down)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let c2 = cpu_sample(pid)?;
-        let cpu = c1.seconds_until(&c2);
-        put(
-            "cpu_down_own_s_per_gib",
-            (cpu - meter.take()?) * gib / down as f64,
-        );
-        put("traced_down_mbs", down as f64 / secs / 1e6);
-        put("traced_cpu_down_s_per_gib", cpu * gib / down as f64);
+        for (way, bytes) in [("up", up), ("down", down)] {
+            let c0 = cpu_sample(pid)?;
+            let t0 = Instant::now();
+            if way == "up" {
+                upload(&target, bytes)?;
+            } else {
+                download(&target, bytes)?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = c0.seconds_until(&cpu_sample(pid)?);
+            let per_gib = gib / bytes as f64;
+            put(
+                &format!("cpu_{way}_own_s_per_gib"),
+                (cpu - meter.take()?) * per_gib,
+            );
+            put(&format!("traced_{way}_mbs"), bytes as f64 / secs / 1e6);
+            put(&format!("traced_cpu_{way}_s_per_gib"), cpu * per_gib);
+        }
     }
 
     // `par` connections at once, each way.
