@@ -23,8 +23,8 @@ struct Held {
     sent: AtomicUsize,
 }
 
-/// The simulated phone's link, watched: every call goes to it; the held buffer's use is
-/// counted, and a send or an in-place build while a buffer is held is checked not to be it.
+/// The simulated phone's link, watched: every call goes to it, and whether a buffer is held
+/// and how many packets went out of one are counted.
 struct Watched {
     inner: SimLink,
     held: Arc<Held>,
@@ -131,18 +131,25 @@ fn read_exact(s: &mut UnixStream, n: usize) -> Vec<u8> {
     v
 }
 
+/// Writes `data` to the echo connection `c` from another thread while the echo is read here
+/// (a client that wrote everything before reading would stall once the buffers on the way are
+/// full); the echo must be `data`, byte-exact.
+fn echo_exact(c: &mut UnixStream, data: &[u8], what: &str) {
+    let mut writer = c.try_clone().expect("clone");
+    let d2 = data.to_vec();
+    let w = std::thread::spawn(move || writer.write_all(&d2).expect("write"));
+    let back = read_exact(c, data.len());
+    w.join().expect("writer");
+    assert!(back == data, "{what}: bytes lost, repeated or reordered");
+}
+
 #[test]
 fn echo_through_the_device_thread_is_byte_exact() {
     let (t, _notes) = start();
     let mut c = connect(&t, 7);
     assert_eq!(read_exact(&mut c, 3), b"OK!");
     let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + (i >> 11)) as u8).collect();
-    let mut writer = c.try_clone().expect("clone");
-    let d2 = data.clone();
-    let w = std::thread::spawn(move || writer.write_all(&d2).expect("write"));
-    let back = read_exact(&mut c, data.len());
-    w.join().expect("writer");
-    assert!(back == data);
+    echo_exact(&mut c, &data, "echo");
     t.stop();
 }
 
@@ -172,17 +179,11 @@ fn bytes_read_ahead_while_the_window_is_closed_arrive_once_in_order() {
     // The client writes without reading the echo: the daemon's buffers towards it fill, the
     // phone stops echoing and reading, its window closes, and the next bytes are read ahead;
     // windows open and close again and again on the way.
-    let data = pattern(6 << 20, 3);
-    let mut writer = c.try_clone().expect("clone");
-    let d2 = data.clone();
-    let w = std::thread::spawn(move || writer.write_all(&d2).expect("write"));
+    echo_exact(&mut c, &pattern(6 << 20, 3), "echo");
     assert!(
-        until(|| held.sent.load(Ordering::SeqCst) >= 1),
+        held.sent.load(Ordering::SeqCst) >= 1,
         "nothing read ahead and sent"
     );
-    let back = read_exact(&mut c, data.len());
-    w.join().expect("writer");
-    assert!(back == data, "bytes lost, repeated or reordered");
     t.stop();
 }
 
@@ -210,13 +211,7 @@ fn a_connection_with_bytes_read_ahead_holds_up_no_other() {
     // While A's bytes wait in the held buffer, B moves 2 MiB each way, byte-exact.
     let mut b = connect(&t, 7);
     assert_eq!(read_exact(&mut b, 3), b"OK!");
-    let data_b = pattern(2 << 20, 9);
-    let mut writer_b = b.try_clone().expect("clone");
-    let d2b = data_b.clone();
-    let wb = std::thread::spawn(move || writer_b.write_all(&d2b).expect("write"));
-    let back_b = read_exact(&mut b, data_b.len());
-    wb.join().expect("writer");
-    assert!(back_b == data_b, "B: bytes lost, repeated or reordered");
+    echo_exact(&mut b, &pattern(2 << 20, 9), "B");
     // A's bytes still wait: nothing was built in their buffer, nothing sent from it.
     assert!(held.now.load(Ordering::SeqCst));
     assert_eq!(held.sent.load(Ordering::SeqCst), 0);
