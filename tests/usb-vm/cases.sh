@@ -60,17 +60,14 @@ until_ok() {
     done
 }
 
-# alive PID: running and not a zombie waiting to be reaped.
-alive() {
-    [ -e /proc/$1/stat ] && ! grep -q '^[0-9]* (.*) Z' /proc/$1/stat
-}
-
-# wait_gone SECS PID...: all PIDs exit within SECS seconds.
+# wait_gone SECS PID...: all PIDs exit (or are zombies waiting to be reaped) within SECS
+# seconds. One read of the stat file: a process that ends between a test for the file and the
+# read is gone.
 wait_gone() {
     local secs=$1 p
     shift
     for p in "$@"; do
-        until_ok $secs sh -c "! { [ -e /proc/$p/stat ] && ! grep -q '^[0-9]* (.*) Z' /proc/$p/stat; }" || return 1
+        until_ok $secs sh -c "! grep -q '^[0-9]* (.*) [^Z]' /proc/$p/stat 2> /dev/null" || return 1
     done
 }
 
@@ -148,6 +145,18 @@ use_daemon() {
 # phone, ours-sync uses only rusb's synchronous calls (a reader and a writer thread), ours-heap
 # gives the transfers heap buffers, ours-traced records every transfer (--trace).
 DAEMON_N=0
+# softirq_events on|off: the softirq trace events (recording off, per-CPU buffer for a traced
+# transfer's few thousand events). Call only while no daemon runs (measurements, above).
+softirq_events() {
+    local T=/sys/kernel/tracing v=0 e
+    [ $1 = on ] && v=1
+    echo 0 > $T/tracing_on
+    [ $1 = on ] && echo 8192 > $T/buffer_size_kb
+    for e in softirq_entry softirq_exit; do
+        echo $v > $T/events/irq/$e/enable
+    done
+}
+
 start_daemon() {
     local extra=
     case $1 in
@@ -237,6 +246,13 @@ timeline_daemons() {
     info "timeline: sched domains of cpu0: $(cat /sys/kernel/debug/sched/domains/cpu0/domain*/name 2> /dev/null | tr '\n' ' ')flags: $(cat /sys/kernel/debug/sched/domains/cpu0/domain*/flags 2> /dev/null | tr '\n' ' ')"
     info "timeline: cpu0 caches shared with: $(cat /sys/devices/system/cpu/cpu0/cache/index*/shared_cpu_list 2> /dev/null | tr '\n' ' ')"
     echo 16384 > $T/buffer_size_kb
+    # Enabled once, before any daemon runs (see the measurements: toggling an event patches the
+    # kernel's code, which hung the guest when done during USB traffic); recorded only while
+    # tracing_on is 1.
+    echo 0 > $T/tracing_on
+    for e in gadget/usb_ep_queue gadget/usb_gadget_giveback_request sched/sched_switch sched/sched_wakeup raw_syscalls irq/softirq_entry irq/softirq_exit; do
+        echo 1 > $T/events/$e/enable
+    done
     for d in $DAEMONS; do
         start_daemon $d || { info "timeline $d: usbmuxd does not start"; continue; }
         $CLIENT wait --udid $UDID1 --timeout 45 > /dev/null 2>&1
@@ -254,9 +270,6 @@ timeline_daemons() {
         echo "${filter% || }" > $T/events/irq/softirq_exit/filter
         for dir in up down; do
             echo > $T/trace
-            for e in gadget/usb_ep_queue gadget/usb_gadget_giveback_request sched/sched_switch sched/sched_wakeup raw_syscalls irq/softirq_entry irq/softirq_exit; do
-                echo 1 > $T/events/$e/enable
-            done
             cat /sys/kernel/debug/usb/usbmon/${bus}u > /tmp/usbmon.txt &
             mon=$!
             sleep 0.5
@@ -524,10 +537,16 @@ else
         info "measurements: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource), meltdown: $(cat /sys/devices/system/cpu/vulnerabilities/meltdown), $(dmesg | grep -iE 'tsc|sched_clock' | head -n 4 | cut -c16- | tr '\n' '|')"
         : > /tmp/bench.txt
         # The kernel's trace events give each daemon's CPU also without the softirqs that ran
-        # on top of it (dummy_hcd's bus work among them; usb-vm-client's SoftirqMeter).
+        # on top of it (dummy_hcd's bus work among them; usb-vm-client's SoftirqMeter). They
+        # are enabled once, here, while no daemon runs: enabling or disabling an event patches
+        # the kernel's code at its tracepoint — here inside the softirq loop — and doing that
+        # while dummy_hcd's timer fired 8 000 times a second (a daemon keeps IN transfers
+        # posted) hung the guest in about one boot in three (both CPUs in soft lockup). The
+        # meter only sets filters and switches recording.
         softirqs=
         grep -q ' /sys/kernel/tracing ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing
-        if [ -w /sys/kernel/tracing/events/irq/softirq_entry/filter ]; then
+        if [ -w /sys/kernel/tracing/events/irq/softirq_entry/enable ]; then
+            softirq_events on
             softirqs="--softirqs /sys/kernel/tracing"
         else
             info "measurements: no tracefs, so no CPU figures without softirqs"
@@ -558,6 +577,7 @@ else
             done
             rep=$((rep + 1))
         done
+        [ -n "$softirqs" ] && softirq_events off
         $OURS/usb-vm-client table /tmp/bench.txt 2>&1 | sed 's/^/@@TABLE /'
     fi
     if [ "$PROFILE" = 1 ]; then profile_daemons; fi

@@ -21,6 +21,9 @@
 #                   ours-thread = our usbmuxd with --usb-in thread; more in cases.sh's
 #                   start_daemon)
 #   USB_VM_VERBOSE  1: show the whole guest console while it runs
+#   USB_VM_LOGLEVEL the guest kernel's console loglevel (default 3; 5 adds the stacks of a
+#                   soft lockup, 7 everything)
+#   USB_VM_KERNEL_ARGS  more guest kernel arguments (experiments)
 #   USB_VM_SIM_IO   how the simulated phones drive their endpoints: loop (default: one thread,
 #                   AIO completions on an eventfd), threads (a reader and a writer thread,
 #                   usbmux-sim --threaded-io) or blocking (usbmux-sim --blocking-io)
@@ -232,11 +235,12 @@ case ${USB_VM_ACCEL:-auto} in
     tcg) ACCEL=(-accel tcg,thread=multi -cpu max) ;;
     *) if kvm_ok; then ACCEL=(-enable-kvm -cpu host); else ACCEL=(-accel tcg,thread=multi -cpu max); fi ;;
 esac
-APPEND="console=ttyS0 panic=-1 quiet loglevel=3 usbvm.watchdog=$((TIMEOUT > 90 ? TIMEOUT - 60 : TIMEOUT * 2 / 3)) usbvm.reps=$REPS usbvm.bench=$([ "$REPS" -gt 0 ] && echo 1 || echo 0)"
+APPEND="console=ttyS0 panic=-1 softlockup_panic=1 quiet loglevel=${USB_VM_LOGLEVEL:-3} usbvm.watchdog=$((TIMEOUT > 90 ? TIMEOUT - 60 : TIMEOUT * 2 / 3)) usbvm.reps=$REPS usbvm.bench=$([ "$REPS" -gt 0 ] && echo 1 || echo 0)"
 APPEND="$APPEND usbvm.up_mib=${USB_VM_UP_MIB:-16} usbvm.down_mib=${USB_VM_DOWN_MIB:-8}"
 APPEND="$APPEND usbvm.par_up_mib=${USB_VM_PAR_UP_MIB:-16} usbvm.par_down_mib=${USB_VM_PAR_DOWN_MIB:-8}"
 APPEND="$APPEND usbvm.profile=${USB_VM_PROFILE:-0} usbvm.sim_io=${USB_VM_SIM_IO:-loop}"
 APPEND="$APPEND usbvm.digest_mib=${USB_VM_DIGEST_MIB:-16} usbvm.daemons=${USB_VM_DAEMONS:-debian,ours,ours-thread}"
+APPEND="$APPEND ${USB_VM_KERNEL_ARGS:-}"
 LOG=$WORK/guest.log
 ts "booting: qemu ${ACCEL[*]}, timeout ${TIMEOUT}s; console in $LOG"
 
@@ -271,6 +275,10 @@ npass=$(grep -c '^@@RESULT PASS ' "$LOG" || true)
 nfail=$(grep -c '^@@RESULT FAIL ' "$LOG" || true)
 problem=""
 [ "$rc" = 124 ] || [ "$rc" = 137 ] && problem="the guest timed out after ${TIMEOUT}s"
+# softlockup_panic: a guest whose CPUs stopped scheduling ends at once (QEMU exits on the
+# panic's reboot) instead of at the timeout.
+grep -q 'soft lockup\|softlockup: hung tasks' "$LOG" \
+    && problem="the guest kernel locked up (soft lockup; USB_VM_LOGLEVEL=5 prints its stacks)"
 [ -z "$problem" ] && ! grep -q '^@@DONE ' "$LOG" && problem="the guest did not finish (qemu exit $rc)"
 [ -z "$problem" ] && [ "$nfail" -gt 0 ] && problem="$nfail case(s) failed"
 [ -z "$problem" ] && [ "$npass" -eq 0 ] && problem="no case ran"

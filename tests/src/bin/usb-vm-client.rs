@@ -494,27 +494,45 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
 /// on that CPU when the timer fires, not on the daemon's own work. A kernel with irq time
 /// accounting (as many distributions' kernels are built) leaves softirqs out of a task's run
 /// time; this meter lets the harness print that figure beside the one it counts.
+///
+/// The meter only sets filters and switches recording (`tracing_on`); the events must already
+/// be enabled, by the caller, while the bus is idle. Enabling or disabling an event patches the
+/// kernel's text at the tracepoint, and these tracepoints sit in the softirq loop itself: done
+/// while dummy_hcd's timer ran 8 000 times a second on both vCPUs (any daemon keeps IN
+/// transfers posted), it left the TCG guest with both CPUs stuck in softirqs (soft lockups,
+/// RCU stalls, a CPU caught just past the patching's `int3` in `handle_softirqs`) in about one
+/// boot in three on a slower host.
 struct SoftirqMeter {
     /// The tracefs directory (`/sys/kernel/tracing` or `/sys/kernel/debug/tracing`).
     dir: std::path::PathBuf,
 }
 
-/// The two events the meter enables (paths under tracefs's `events/`).
+/// The two events the meter reads (paths under tracefs's `events/`).
 const SOFTIRQ_EVENTS: [&str; 2] = ["irq/softirq_entry", "irq/softirq_exit"];
 
 impl SoftirqMeter {
     /// Traces the softirqs that interrupt any thread `pid` has now (a daemon starts no thread
-    /// during a transfer), from an empty buffer.
+    /// during a transfer), from an empty buffer. The events must be enabled already (see the
+    /// type's docs); an error says so if they are not.
     fn start(dir: &str, pid: u32) -> Result<SoftirqMeter, String> {
         let meter = SoftirqMeter { dir: dir.into() };
+        for e in SOFTIRQ_EVENTS {
+            let path = meter.dir.join(format!("events/{e}/enable"));
+            let on = std::fs::read_to_string(&path)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            if on.trim() != "1" {
+                return Err(format!(
+                    "{}: the event is not enabled (enable it while the bus is idle: \
+                     toggling it patches the softirq loop's code)",
+                    path.display()
+                ));
+            }
+        }
         let tids = thread_run_times(pid).ok_or_else(|| format!("no threads of pid {pid}"))?;
         let filter: Vec<String> = tids.keys().map(|t| format!("common_pid == {t}")).collect();
         meter.write("tracing_on", "0")?;
-        // Per CPU; a 16 MiB transfer brings a few thousand events at most.
-        meter.write("buffer_size_kb", "8192")?;
         for e in SOFTIRQ_EVENTS {
             meter.write(&format!("events/{e}/filter"), &filter.join(" || "))?;
-            meter.write(&format!("events/{e}/enable"), "1")?;
         }
         meter.restart()?;
         Ok(meter)
@@ -545,11 +563,12 @@ impl SoftirqMeter {
 }
 
 impl Drop for SoftirqMeter {
-    /// Leaves tracefs as the harness's other users expect it: events off, filters cleared.
+    /// Leaves tracefs as it found it: not recording, filters cleared, buffer empty (the events
+    /// stay enabled: with recording off and no filter, a softirq's event is dropped before it is
+    /// built).
     fn drop(&mut self) {
         let _ = self.write("tracing_on", "0");
         for e in SOFTIRQ_EVENTS {
-            let _ = self.write(&format!("events/{e}/enable"), "0");
             let _ = self.write(&format!("events/{e}/filter"), "0");
         }
         let _ = self.write("trace", "");
@@ -933,7 +952,7 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::softirq_seconds;
+    use super::{softirq_seconds, SoftirqMeter, SOFTIRQ_EVENTS};
 
     /// Lines as Debian's 6.1 kernel writes them (the harness's timeline runs): pairs per CPU,
     /// interleaved across CPUs, one cut by the start of tracing and one by its end.
@@ -965,5 +984,50 @@ mod tests {
             Err("the trace buffer lost events (5 of 9 kept)".to_string())
         );
         assert!(softirq_seconds("  x-1 [000] ..s.. nonsense: softirq_exit: vec=8\n").is_err());
+    }
+
+    /// The meter never enables or disables an event (that patches the kernel's code; done
+    /// during USB traffic it hung the guest): it refuses events left off, and otherwise only
+    /// filters, records and clears, leaving the events as it found them. A directory laid out
+    /// as tracefs stands in for it.
+    #[test]
+    fn the_meter_only_filters_and_records_events_enabled_beforehand() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        let read = |f: &str| std::fs::read_to_string(root.join(f)).expect(f);
+        for e in SOFTIRQ_EVENTS {
+            std::fs::create_dir_all(root.join(format!("events/{e}"))).expect("mkdir");
+            std::fs::write(root.join(format!("events/{e}/enable")), "0\n").expect("enable");
+        }
+        let tracefs = root.to_str().expect("utf-8 path");
+        let refused = SoftirqMeter::start(tracefs, std::process::id()).map(|_| ());
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("is not enabled")),
+            "{refused:?}"
+        );
+        assert_eq!(read("events/irq/softirq_entry/enable"), "0\n");
+
+        for e in SOFTIRQ_EVENTS {
+            std::fs::write(root.join(format!("events/{e}/enable")), "1\n").expect("enable");
+        }
+        let meter = SoftirqMeter::start(tracefs, std::process::id()).expect("started");
+        let me = format!("common_pid == {}", std::process::id());
+        for e in SOFTIRQ_EVENTS {
+            assert!(read(&format!("events/{e}/filter")).contains(&me));
+        }
+        assert_eq!(read("tracing_on"), "1\n");
+        assert_eq!(
+            meter.take(),
+            Ok(0.0),
+            "an empty trace holds no softirq time"
+        );
+        drop(meter);
+        assert_eq!(read("tracing_on"), "0\n");
+        for e in SOFTIRQ_EVENTS {
+            assert_eq!(read(&format!("events/{e}/filter")), "0\n");
+            assert_eq!(read(&format!("events/{e}/enable")), "1\n", "left enabled");
+        }
     }
 }
