@@ -145,16 +145,43 @@ use_daemon() {
 # phone, ours-sync uses only rusb's synchronous calls (a reader and a writer thread), ours-heap
 # gives the transfers heap buffers, ours-traced records every transfer (--trace).
 DAEMON_N=0
-# softirq_events on|off: the softirq trace events (recording off, per-CPU buffer for a traced
-# transfer's few thousand events). Call only while no daemon runs (measurements, above).
-softirq_events() {
-    local T=/sys/kernel/tracing v=0 e
-    [ $1 = on ] && v=1
+# traced_daemons: each daemon of $DAEMONS once more, for $REPS transfers each way with its CPU
+# also counted without the softirqs that ran on top of it (dummy_hcd's bus work among them;
+# usb-vm-client traced), after the measurements, which run untraced. The two softirq events are
+# enabled while no daemon runs and disabled after the last: enabling or disabling an event
+# patches the kernel's code at its tracepoint — here inside the softirq loop — and doing that
+# while dummy_hcd's timer fired 8 000 times a second (a daemon keeps IN transfers posted) hung
+# the guest in 3 of 7 boots (both CPUs in soft lockup); the client only sets filters and
+# switches recording.
+traced_daemons() {
+    local T=/sys/kernel/tracing d e
+    grep -q " $T " /proc/mounts || mount -t tracefs nodev $T
+    if [ ! -w $T/events/irq/softirq_entry/enable ]; then
+        info "measurements: no tracefs, so no CPU figures without softirqs"
+        return
+    fi
     echo 0 > $T/tracing_on
-    [ $1 = on ] && echo 8192 > $T/buffer_size_kb
-    for e in softirq_entry softirq_exit; do
-        echo $v > $T/events/irq/$e/enable
+    # Per CPU; a 16 MiB transfer brings a few thousand events at most.
+    echo 8192 > $T/buffer_size_kb
+    for e in softirq_entry softirq_exit; do echo 1 > $T/events/irq/$e/enable; done
+    for d in $DAEMONS; do
+        if ! start_daemon $d; then
+            fail "traced $d: usbmuxd starts"
+            continue
+        fi
+        $CLIENT wait --udid $UDID1 --timeout 45 > /dev/null 2>&1 \
+            || info "traced $d: the phone is not listed after 45 s"
+        sleep 1
+        if vmc_for 300 traced --udid $UDID1 --pid $DPID --daemon $d --reps $REPS \
+            --up-mib $UP_MIB --down-mib $DOWN_MIB --softirqs $T \
+            > /tmp/logs/traced-$d.log 2>&1; then
+            grep '^@@BENCH' /tmp/logs/traced-$d.log | tee -a /tmp/bench.txt
+        else
+            fail "traced $d" "$(tail -n 3 /tmp/logs/traced-$d.log | tr '\n' '|')"
+        fi
+        stop_daemon $d
     done
+    for e in softirq_entry softirq_exit; do echo 0 > $T/events/irq/$e/enable; done
 }
 
 start_daemon() {
@@ -536,21 +563,6 @@ else
         # What every wake-up and system call costs in this guest depends on these.
         info "measurements: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource), meltdown: $(cat /sys/devices/system/cpu/vulnerabilities/meltdown), $(dmesg | grep -iE 'tsc|sched_clock' | head -n 4 | cut -c16- | tr '\n' '|')"
         : > /tmp/bench.txt
-        # The kernel's trace events give each daemon's CPU also without the softirqs that ran
-        # on top of it (dummy_hcd's bus work among them; usb-vm-client's SoftirqMeter). They
-        # are enabled once, here, while no daemon runs: enabling or disabling an event patches
-        # the kernel's code at its tracepoint — here inside the softirq loop — and doing that
-        # while dummy_hcd's timer fired 8 000 times a second (a daemon keeps IN transfers
-        # posted) hung the guest in about one boot in three (both CPUs in soft lockup). The
-        # meter only sets filters and switches recording.
-        softirqs=
-        grep -q ' /sys/kernel/tracing ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing
-        if [ -w /sys/kernel/tracing/events/irq/softirq_entry/enable ]; then
-            softirq_events on
-            softirqs="--softirqs /sys/kernel/tracing"
-        else
-            info "measurements: no tracefs, so no CPU figures without softirqs"
-        fi
         rep=1
         while [ $rep -le $REPS ]; do
             # Odd repetitions in the given order, even ones reversed: drift hits all alike.
@@ -567,7 +579,7 @@ else
                 sleep 1
                 if vmc_for 300 bench --udid $UDID1 --pid $DPID --daemon $d --rep $rep \
                     --up-mib $UP_MIB --down-mib $DOWN_MIB --par 8 \
-                    --par-up-mib $PAR_UP_MIB --par-down-mib $PAR_DOWN_MIB $softirqs \
+                    --par-up-mib $PAR_UP_MIB --par-down-mib $PAR_DOWN_MIB \
                     > /tmp/logs/bench-$d-$rep.log 2>&1; then
                     grep '^@@BENCH' /tmp/logs/bench-$d-$rep.log | tee -a /tmp/bench.txt
                 else
@@ -577,7 +589,7 @@ else
             done
             rep=$((rep + 1))
         done
-        [ -n "$softirqs" ] && softirq_events off
+        traced_daemons
         $OURS/usb-vm-client table /tmp/bench.txt 2>&1 | sed 's/^/@@TABLE /'
     fi
     if [ "$PROFILE" = 1 ]; then profile_daemons; fi

@@ -17,10 +17,12 @@
 //!   on a fresh connection; every byte must come back in order.
 //! - `drain TARGET [--port P] [--timeout S]`: reads until the connection ends and prints how it
 //!   ended; exit status 3 if it did not end within S seconds (an unplug must not leave it hanging).
-//! - `bench --udid U --pid PID --daemon NAME --rep N [sizes] [--softirqs TRACEFS]`: the
-//!   measurements of issue 7 for one daemon, printed as one `@@BENCH key=value ...` line; with
-//!   `--softirqs`, one more transfer each way gives the daemon's CPU without the softirqs that
-//!   ran on top of it.
+//! - `bench --udid U --pid PID --daemon NAME --rep N [sizes]`: the measurements of issue 7 for
+//!   one daemon, printed as one `@@BENCH key=value ...` line.
+//! - `traced --udid U --pid PID --daemon NAME --reps N --softirqs TRACEFS [--up-mib M]
+//!   [--down-mib M]`: N more transfers each way, traced, for the daemon's CPU without the
+//!   softirqs that ran on top of it; one `@@BENCH` line per repetition. The softirq trace events
+//!   must be enabled already (while no daemon ran).
 //! - `table FILE`: medians of the `@@BENCH` lines in FILE per daemon (`debian` and our variants),
 //!   and each of ours against Debian's.
 //!
@@ -485,7 +487,7 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
 }
 
 /// The time softirqs ran on top of one process's threads, from the kernel's
-/// `irq/softirq_entry` and `irq/softirq_exit` trace events (`bench --softirqs TRACEFS`).
+/// `irq/softirq_entry` and `irq/softirq_exit` trace events (`traced --softirqs TRACEFS`).
 ///
 /// Why: a kernel without `CONFIG_IRQ_TIME_ACCOUNTING` (Debian's) counts a softirq as run time
 /// of whichever task it interrupted, in schedstat as in `/proc/PID/stat`. In the guest,
@@ -763,35 +765,6 @@ fn cmd_bench(o: &Opts) -> Result<(), String> {
         c1.seconds_until(&c2) * gib / down as f64,
     );
 
-    // With `--softirqs`, one more transfer each way for the daemon's CPU without the softirqs
-    // that ran on top of it (`SoftirqMeter`). Separate transfers: every softirq of the guest
-    // builds an event before the filter drops it, which slows the bus, so the figures above
-    // are taken untraced (one test, 5 repetitions each: ours host→device 75.3 MB/s and 6.84
-    // CPU s/GiB traced, 83.5 and 6.21 untraced).
-    if let Some(dir) = o.get("softirqs") {
-        // (The traced transfers' own MB/s and CPU go into the line too, not into the table:
-        // they tell how much the tracing weighed on each daemon.)
-        let meter = SoftirqMeter::start(dir, pid)?;
-        for (way, bytes) in [("up", up), ("down", down)] {
-            let c0 = cpu_sample(pid)?;
-            let t0 = Instant::now();
-            if way == "up" {
-                upload(&target, bytes)?;
-            } else {
-                download(&target, bytes)?;
-            }
-            let secs = t0.elapsed().as_secs_f64();
-            let cpu = c0.seconds_until(&cpu_sample(pid)?);
-            let per_gib = gib / bytes as f64;
-            put(
-                &format!("cpu_{way}_own_s_per_gib"),
-                (cpu - meter.take()?) * per_gib,
-            );
-            put(&format!("traced_{way}_mbs"), bytes as f64 / secs / 1e6);
-            put(&format!("traced_cpu_{way}_s_per_gib"), cpu * per_gib);
-        }
-    }
-
     // `par` connections at once, each way.
     let each_up = par_up / par as u64;
     let secs = parallel(par, || upload(&target, each_up))?;
@@ -834,6 +807,57 @@ fn cmd_bench(o: &Opts) -> Result<(), String> {
 
     let line: Vec<String> = out.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("@@BENCH {}", line.join(" "));
+    Ok(())
+}
+
+/// `traced`: the daemon's CPU per GiB without the softirqs that ran on top of it, over `--reps`
+/// more transfers each way (`SoftirqMeter`), one `@@BENCH` line per repetition with the
+/// `cpu_{up,down}_own_s_per_gib` keys (and the traced transfers' own MB/s and counted CPU, to see
+/// what the tracing weighed on each daemon: `traced_*`).
+///
+/// A command of its own, run in a daemon session of its own, because the events must be enabled
+/// while no daemon runs (see `SoftirqMeter`) and `bench`'s transfers must run without them:
+/// recording a softirq's event at every softirq of the guest slows the bus (in one test, 5
+/// repetitions each, ours host→device 75.3 MB/s and 6.84 CPU s/GiB traced against 83.5 and
+/// 6.21 untraced).
+fn cmd_traced(o: &Opts) -> Result<(), String> {
+    let pid: u32 = o.num("pid", 0)?;
+    if pid == 0 {
+        return Err("--pid is required".into());
+    }
+    let daemon = o.need("daemon")?.to_string();
+    let reps: u32 = o.num("reps", 1u32)?.max(1);
+    let mib = 1024 * 1024;
+    let up: u64 = o.num("up-mib", 32u64)? * mib;
+    let down: u64 = o.num("down-mib", 16u64)? * mib;
+    let target = Target::from_opts(o)?;
+    let meter = SoftirqMeter::start(o.need("softirqs")?, pid)?;
+    let gib = (1u64 << 30) as f64;
+    for rep in 1..=reps {
+        let mut line = format!("@@BENCH daemon={daemon} rep={rep}");
+        // Anything recorded between repetitions (the daemon idles) is not counted.
+        meter.take()?;
+        for (way, bytes) in [("up", up), ("down", down)] {
+            let c0 = cpu_sample(pid)?;
+            let t0 = Instant::now();
+            if way == "up" {
+                upload(&target, bytes)?;
+            } else {
+                download(&target, bytes)?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = c0.seconds_until(&cpu_sample(pid)?);
+            let per_gib = gib / bytes as f64;
+            let own = (cpu - meter.take()?) * per_gib;
+            line += &format!(
+                " cpu_{way}_own_s_per_gib={own:.3} traced_{way}_mbs={:.3} \
+                 traced_cpu_{way}_s_per_gib={:.3}",
+                bytes as f64 / secs / 1e6,
+                cpu * per_gib
+            );
+        }
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -937,6 +961,7 @@ fn main() -> ExitCode {
         "echo" => cmd_echo(&o).map(|()| ExitCode::SUCCESS),
         "drain" => cmd_drain(&o),
         "bench" => cmd_bench(&o).map(|()| ExitCode::SUCCESS),
+        "traced" => cmd_traced(&o).map(|()| ExitCode::SUCCESS),
         "up" | "down" => cmd_one_way(&o, cmd == "up").map(|()| ExitCode::SUCCESS),
         "table" => cmd_table(&o).map(|()| ExitCode::SUCCESS),
         other => Err(format!("unknown command {other:?}")),
